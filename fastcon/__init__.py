@@ -1,0 +1,19 @@
+"""fastcon: supervised contrastive losses computed blockwise, without an N x N matrix."""
+
+from . import functional
+from .blockwise import block_memory, get_block_memory, set_block_memory
+from .losses import CLCELoss, FocalSupConLoss, SCHaNeLoss, SupConLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SupConLoss",
+    "SCHaNeLoss",
+    "CLCELoss",
+    "FocalSupConLoss",
+    "functional",
+    "set_block_memory",
+    "get_block_memory",
+    "block_memory",
+    "__version__",
+]

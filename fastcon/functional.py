@@ -1,0 +1,208 @@
+"""Functional forms of fastcon's losses (``import fastcon.functional as FC``).
+
+Every loss takes ``features`` ``[B, V, D]`` (V views of B samples, flattened
+view-major) or ``[N, D]`` (one view per row, labels required), optional integer
+``labels``, and keyword ``ref_features`` / ``ref_labels``: extra contrast-only rows
+(a memory bank, a queue). The math is SPEC.md's. ``backend`` is ``"auto"``,
+``"reference"`` (dense), ``"blockwise"``, ``"triton"`` or ``"native"``.
+
+The loss comes back in float32 (float64 for float64 input); gradients reach the
+inputs in their own dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from ._function import apply_engine, get_engine, resolve_backend
+from ._inputs import (
+    BACKENDS,
+    REDUCTIONS,
+    check_choice,
+    check_finite,
+    check_nonnegative,
+    check_positive,
+    check_unit_interval,
+    compute_dtype,
+    prepare,
+)
+from .spec import LossSpec
+
+__all__ = ["supcon_loss", "schane_loss", "clce_loss", "focal_supcon_loss", "contrastive_loss"]
+
+
+def contrastive_loss(
+    features: torch.Tensor,
+    labels=None,
+    *,
+    spec: LossSpec,
+    contrast_mode: str = "all",
+    normalize: bool = True,
+    reduction: str = "mean",
+    backend: str = "auto",
+    ref_features=None,
+    ref_labels=None,
+) -> torch.Tensor:
+    """Any loss of SPEC.md given as a :class:`~fastcon.spec.LossSpec`; the public losses call this."""
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("backend", backend, BACKENDS)
+    problem = prepare(
+        features, labels, contrast_mode=contrast_mode, normalize=normalize,
+        ref_features=ref_features, ref_labels=ref_labels,
+    )
+    name = resolve_backend(backend, problem.z.device)
+    if name == "reference":
+        return reference.contrastive_loss(problem, spec, reduction)
+    return apply_engine(problem, spec, reduction, get_engine(name, problem.z.device))
+
+
+def supcon_loss(
+    features: torch.Tensor,
+    labels=None,
+    *,
+    temperature: float = 0.07,
+    base_temperature: float = 0.07,
+    contrast_mode: str = "all",
+    normalize: bool = True,
+    reduction: str = "mean",
+    backend: str = "auto",
+    ref_features=None,
+    ref_labels=None,
+) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020), as in SupContrast's ``losses.py``.
+
+    ``l_i = -(t / t_base) * mean_{p in P(i)} [ s_ip - LSE_{a in A(i)} s_ia ]``.
+    Without labels a ``[B, V, D]`` input is SimCLR's instance discrimination.
+    """
+    t = check_positive("temperature", temperature)
+    tb = check_positive("base_temperature", base_temperature)
+    spec = LossSpec("supcon", temperature=t, scale=t / tb)
+    return contrastive_loss(
+        features, labels, spec=spec, contrast_mode=contrast_mode, normalize=normalize,
+        reduction=reduction, backend=backend, ref_features=ref_features, ref_labels=ref_labels,
+    )
+
+
+def schane_loss(
+    features: torch.Tensor,
+    labels=None,
+    *,
+    temperature: float = 0.07,
+    beta: float = 1.0,
+    normalize: bool = True,
+    reduction: str = "mean",
+    backend: str = "auto",
+    ref_features=None,
+    ref_labels=None,
+) -> torch.Tensor:
+    """SCHaNe (Long et al. 2023): supervised contrast with hard negatives weighted by
+    ``softmax(beta * s)``; ``beta = 0`` is the reference code's "easy" estimator.
+
+    ``l_i = softplus(log Ng_i - log pos_i)`` with positives averaged inside the log.
+    """
+    t = check_positive("temperature", temperature)
+    b = check_finite("beta", beta)
+    spec = LossSpec("schane", temperature=t, beta=b)
+    return contrastive_loss(
+        features, labels, spec=spec, normalize=normalize, reduction=reduction,
+        backend=backend, ref_features=ref_features, ref_labels=ref_labels,
+    )
+
+
+def focal_supcon_loss(
+    features: torch.Tensor,
+    labels=None,
+    *,
+    temperature: float = 0.07,
+    base_temperature: float = 0.07,
+    gamma: float = 1.0,
+    normalize: bool = True,
+    reduction: str = "mean",
+    backend: str = "auto",
+    ref_features=None,
+    ref_labels=None,
+) -> torch.Tensor:
+    """Focal supervised contrastive loss of Core-tuning (Zhang et al. 2021).
+
+    ``l_i = -(t/t_base) / M * sum_{j in P(i)} (1 - p_ij)^gamma log p_ij`` where ``p`` is the
+    softmax over ``A(i)`` and ``M`` the number of contrast rows (as the reference code divides).
+    """
+    t = check_positive("temperature", temperature)
+    tb = check_positive("base_temperature", base_temperature)
+    g = check_nonnegative("gamma", gamma)
+    spec = LossSpec("focal", temperature=t, scale=t / tb, gamma=g)
+    return contrastive_loss(
+        features, labels, spec=spec, normalize=normalize, reduction=reduction,
+        backend=backend, ref_features=ref_features, ref_labels=ref_labels,
+    )
+
+
+def _check_logits(logits, features: torch.Tensor) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+    if features.dim() == 3:
+        b, v = features.shape[:2]
+        if logits.dim() == 3:
+            if tuple(logits.shape[:2]) != (b, v):
+                raise ValueError(
+                    f"logits [B, V, C] must match features [B, V, D] in B and V: got logits "
+                    f"{tuple(logits.shape)} for features {tuple(features.shape)}"
+                )
+        elif logits.dim() == 2:
+            if logits.shape[0] != b:
+                raise ValueError(
+                    f"logits [B, C] must have B = {b} rows like features [B, V, D], got {tuple(logits.shape)}"
+                )
+        else:
+            raise ValueError(f"logits must be [B, V, C] or [B, C], got shape {tuple(logits.shape)}")
+    else:
+        if logits.dim() != 2 or logits.shape[0] != features.shape[0]:
+            raise ValueError(
+                f"logits must be [N, C] with N = {features.shape[0]} rows like features [N, D], "
+                f"got shape {tuple(logits.shape)}"
+            )
+    if logits.shape[-1] < 1:
+        raise ValueError("logits must have at least one class column")
+    return logits
+
+
+def clce_loss(
+    features: torch.Tensor,
+    logits: torch.Tensor,
+    labels,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 0.07,
+    beta: float = 1.0,
+    normalize: bool = True,
+    backend: str = "auto",
+    ref_features=None,
+    ref_labels=None,
+) -> torch.Tensor:
+    """CLCE (Long et al. 2024): ``alpha * SCHaNe + (1 - alpha) * CE``.
+
+    ``logits`` is ``[B, V, C]`` (cross-entropy over every view, labels repeated per view),
+    ``[B, C]`` or, for ``[N, D]`` features, ``[N, C]``. ``labels`` are required.
+    """
+    a = check_unit_interval("alpha", alpha)
+    check_positive("temperature", temperature)
+    check_finite("beta", beta)
+    if labels is None:
+        raise ValueError("labels is required by clce_loss (its cross-entropy term needs classes)")
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    _check_logits(logits, features)
+    contrastive = schane_loss(
+        features, labels, temperature=temperature, beta=beta, normalize=normalize,
+        backend=backend, ref_features=ref_features, ref_labels=ref_labels,
+    )
+    y = torch.as_tensor(labels, device=logits.device).to(torch.int64)
+    flat_logits = logits.reshape(-1, logits.shape[-1]).to(compute_dtype(logits.dtype))
+    if logits.dim() == 3:
+        y = y[:, None].expand(logits.shape[0], logits.shape[1]).reshape(-1)  # [B, V] row-major like logits
+    ce = F.cross_entropy(flat_logits, y)
+    return a * contrastive + (1 - a) * ce.to(contrastive.dtype)
