@@ -200,7 +200,8 @@ def sweep(z, ref, labels, ref_labels, num_anchors, spec: LossSpec, row_weight=No
     if spec.kind == "supcon":
         # sum_{p in P(i)} s_ip = z_i . (sum of class y_i's contrast rows - z_i) / t: O(K * D).
         class_sum = torch.zeros(uniq.shape[0], z.shape[1], dtype=z.dtype, device=z.device)
-        class_sum.index_add_(0, inverse, contrast_t)
+        # (an int32 index takes a much faster CPU kernel than int64 here)
+        class_sum.index_add_(0, inverse.to(torch.int32), contrast_t)
         sum_pos = (z[:a] * (class_sum[inverse[:a]] - contrast_t[:a])).sum(1)
     for r0 in range(0, a, bm):
         r1 = min(a, r0 + bm)
