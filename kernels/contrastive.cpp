@@ -3,23 +3,28 @@
 // Anchors a_i = z[i] (i < A) against contrast rows c_j = cat(z, ref)[j] (j < K);
 // s_ij = a_i . c_j / t, and anchor i is contrast column i ("self").
 //
-// Work is split into row blocks of kBlockRows anchors and, within a block, tiles
-// of kTileCols contrast columns. A tile of s (kBlockRows x kTileCols, 512 KiB in
-// float32) is computed by one ATen matmul and consumed while it is in cache:
+// A tile of s (at most 256 x 512, 512 KiB in float32) is computed by one ATen matmul
+// and consumed while it is in cache:
 //   pass 1  s -> online row statistics (masked log-sum-exps, positive sums);
 //           focal SupCon needs a second such pass for sum_P f'(log p) before its
 //           gradient is known;
 //   pass G  s recomputed -> G = dL/ds in place -> dA_block += G Ct_tile and
 //           dC_tile += G^T A_block / t.
-// So a forward+backward costs four matmul passes (s, s again, G C, G^T A) and
-// never holds more than one tile of similarities per thread.
+// No pass holds more than one tile of similarities (and one of scratch) per thread.
 //
-// Threads take whole row blocks (at::parallel_for). Row statistics and dA rows
-// belong to one block, so they do not depend on the thread count. dC sums over
-// row blocks: blocks are cut into a fixed number of contiguous groups (a function
-// of the problem size only), each group accumulates its own dC buffer in block
-// order, and the buffers are added in group order. The result is bitwise the same
-// for any thread count.
+// General case (extra contrast rows, or anchors a subset of the rows): row blocks of
+// 256 anchors x column tiles of 512; four matmul passes (s, s again, G C, G^T A).
+// Symmetric case (no extra rows, every row an anchor; the common one): s is
+// symmetric, so only the upper triangle of 256 x 256 tiles is computed and each tile
+// serves its row block and, transposed, its column block: two matmul passes in all
+// (see SymmetricSweep).
+//
+// Thread-count independence: row statistics and dA rows of the general case belong to
+// one row block, so one thread. Sums over row blocks (dC, and in the symmetric case
+// the statistics and dz) go to a fixed number of group buffers (a function of the
+// problem size only), each filled in a fixed order and merged in group order.
+// Tile products go to scratch and are added by ATen (MKL's beta = 1 gemm was not
+// bitwise stable across threading contexts).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -174,6 +179,171 @@ struct Sweep {
   }
 };
 
+// ---- the symmetric case: no extra contrast rows and every row an anchor ------------
+// Then s is symmetric and G_KI = f(s_IK^T, row statistics of K), so only tiles I <= K
+// are computed: each off-diagonal tile feeds the row statistics of both its row block
+// and (transposed) its column block, and in the gradient pass dz_I += H ct_K and
+// dz_K += H^T z_I / t with H = G_IK + G_KI^T. That halves the similarity products:
+// a forward+backward costs 0.5 (statistics) + 1.5 (gradient) matmul passes.
+// Tiles are cut into a fixed number of contiguous groups, each with its own row
+// accumulators and dz buffer, merged in group order (thread-count independent).
+
+constexpr int64_t kSquare = 256;
+
+template <typename T>
+void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
+  constexpr int64_t b = 32;
+  for (int64_t r0 = 0; r0 < rows; r0 += b)
+    for (int64_t c0 = 0; c0 < cols; c0 += b)
+      for (int64_t r = r0; r < std::min(rows, r0 + b); ++r)
+        for (int64_t c = c0; c < std::min(cols, c0 + b); ++c) dst[c * rows + r] = src[r * cols + c];
+}
+
+// h += g^T for h [rows x cols], g [cols x rows]
+template <typename T>
+void add_transposed(T* h, int64_t rows, int64_t cols, const T* g) {
+  constexpr int64_t b = 32;
+  for (int64_t r0 = 0; r0 < rows; r0 += b)
+    for (int64_t c0 = 0; c0 < cols; c0 += b)
+      for (int64_t r = r0; r < std::min(rows, r0 + b); ++r)
+        for (int64_t c = c0; c < std::min(cols, c0 + b); ++c) h[r * cols + c] += g[c * rows + r];
+}
+
+template <typename T>
+void lse_merge(T& m, T& l, T m2, T l2) {
+  if (m2 == -std::numeric_limits<T>::infinity()) return;
+  if (m == -std::numeric_limits<T>::infinity()) {
+    m = m2;
+    l = l2;
+    return;
+  }
+  const T mx = std::max(m, m2);
+  l = l * std::exp(m - mx) + l2 * std::exp(m2 - mx);
+  m = mx;
+}
+
+template <typename T>
+struct SymmetricSweep {
+  const Sweep<T>& sw;
+  std::vector<std::pair<int64_t, int64_t>> tiles;  // (i0, k0), i0 <= k0, row-major order
+  int64_t groups;
+
+  explicit SymmetricSweep(const Sweep<T>& s) : sw(s) {
+    for (int64_t i0 = 0; i0 < sw.M; i0 += kSquare)
+      for (int64_t k0 = i0; k0 < sw.M; k0 += kSquare) tiles.emplace_back(i0, k0);
+    const int64_t buffer_bytes = std::max<int64_t>(1, sw.M * sw.D * int64_t(sizeof(T)));
+    groups = std::max<int64_t>(1, std::min({int64_t(tiles.size()), kMaxGroups,
+                                            std::max<int64_t>(2, kGroupBytes / buffer_bytes)}));
+  }
+
+  int64_t extent(int64_t start) const { return std::min(kSquare, sw.M - start); }
+
+  // s[i0.., k0..] into buf (self column -inf on diagonal tiles); returns the tile.
+  at::Tensor similarity(int64_t i0, int64_t k0, at::Tensor& buf) const {
+    const int64_t rows = extent(i0), cols = extent(k0);
+    at::Tensor s = buf.narrow(0, 0, rows * cols).view({rows, cols});
+    at::mm_out(s, sw.anchors.narrow(0, i0, rows), sw.ct.narrow(0, k0, cols).t());
+    if (i0 == k0) {
+      T* sp = s.data_ptr<T>();
+      for (int64_t r = 0; r < rows; ++r) sp[r * cols + r] = -std::numeric_limits<T>::infinity();
+    }
+    return s;
+  }
+
+  template <typename Fn>
+  void for_each_group(Fn&& fn) const {
+    const int64_t nt = int64_t(tiles.size());
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+      at::Tensor buf = at::empty({kSquare * kSquare}, sw.anchors.options());
+      at::Tensor buf_t = at::empty({kSquare * kSquare}, sw.anchors.options());
+      for (int64_t g = g0; g < g1; ++g) fn(g, g * nt / groups, (g + 1) * nt / groups, buf, buf_t);
+    });
+  }
+
+  // A statistics pass (tile_fn = stats or focal). `acc` holds the initial accumulators
+  // and receives the merged result; `focal_sums` says which pass it is.
+  void row_pass(void (*tile_fn)(const TileArgs<T>&), T* acc, const T* stats, bool focal_sums) const {
+    const int64_t A = sw.A;
+    at::Tensor init = at::from_blob(acc, {A, kAccStride}, sw.anchors.options());
+    at::Tensor part = init.unsqueeze(0).repeat({groups, 1, 1});
+    T* partp = part.data_ptr<T>();
+    for_each_group([&](int64_t g, int64_t t0, int64_t t1, at::Tensor& buf, at::Tensor& buf_t) {
+      T* pacc = partp + g * A * kAccStride;
+      for (int64_t t = t0; t < t1; ++t) {
+        const auto [i0, k0] = tiles[t];
+        const int64_t rows = extent(i0), cols = extent(k0);
+        at::Tensor s = similarity(i0, k0, buf);
+        tile_fn(sw.args(s.data_ptr<T>(), rows, cols, i0, k0, pacc, stats, nullptr));
+        if (i0 != k0) {
+          transpose(s.data_ptr<T>(), rows, cols, buf_t.data_ptr<T>());
+          tile_fn(sw.args(buf_t.data_ptr<T>(), cols, rows, k0, i0, pacc, stats, nullptr));
+        }
+      }
+    });
+    at::parallel_for(0, A, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        T* out = acc + i * kAccStride;
+        const T* first = partp + i * kAccStride;
+        for (int64_t c = 0; c < kAccStride; ++c) out[c] = first[c];
+        for (int64_t g = 1; g < groups; ++g) {
+          const T* a = partp + (g * A + i) * kAccStride;
+          if (focal_sums) {
+            out[3] += a[3];
+            out[4] += a[4];
+          } else if (sw.kind == Kind::schane) {
+            lse_merge(out[0], out[1], a[0], a[1]);
+            lse_merge(out[2], out[3], a[2], a[3]);
+            lse_merge(out[4], out[5], a[4], a[5]);
+          } else {
+            lse_merge(out[0], out[1], a[0], a[1]);
+            out[2] += a[2];
+          }
+        }
+      }
+    });
+  }
+
+  // The gradient pass: dz [M, D] of sum_i mult_i * (l_i / coef_i).
+  at::Tensor grad_pass(const T* stats, const T* mult) const {
+    at::Tensor part = at::zeros({groups, sw.M, sw.D}, sw.anchors.options());
+    const T inv_t = T(1.0 / sw.temperature);
+    for_each_group([&](int64_t g, int64_t t0, int64_t t1, at::Tensor& buf, at::Tensor& buf_t) {
+      at::Tensor dz = part[g];
+      at::Tensor prod = at::empty({kSquare, sw.D}, sw.anchors.options());
+      for (int64_t t = t0; t < t1; ++t) {
+        const auto [i0, k0] = tiles[t];
+        const int64_t rows = extent(i0), cols = extent(k0);
+        at::Tensor h = similarity(i0, k0, buf);
+        T* hp = h.data_ptr<T>();
+        if (i0 != k0) transpose(hp, rows, cols, buf_t.data_ptr<T>());
+        sw.kernels.grad(sw.args(hp, rows, cols, i0, k0, nullptr, stats, mult));
+        if (i0 == k0) {
+          for (int64_t r = 0; r < rows; ++r) hp[r * cols + r] = T(0);
+        } else {
+          T* gt = buf_t.data_ptr<T>();
+          sw.kernels.grad(sw.args(gt, cols, rows, k0, i0, nullptr, stats, mult));
+          add_transposed(hp, rows, cols, gt);
+        }
+        at::Tensor p_i = prod.narrow(0, 0, rows);
+        at::mm_out(p_i, h, sw.ct.narrow(0, k0, cols));
+        dz.narrow(0, i0, rows).add_(p_i);
+        at::Tensor p_k = prod.narrow(0, 0, cols);
+        at::mm_out(p_k, h.t(), sw.anchors.narrow(0, i0, rows));
+        dz.narrow(0, k0, cols).add_(p_k, inv_t);
+      }
+    });
+    at::Tensor out = part[0];
+    T* outp = out.data_ptr<T>();
+    const T* all = part.data_ptr<T>();
+    const int64_t n = sw.M * sw.D;
+    at::parallel_for(0, n, 4096, [&](int64_t e0, int64_t e1) {
+      for (int64_t g = 1; g < groups; ++g)
+        for (int64_t e = e0; e < e1; ++e) outp[e] += all[g * n + e];
+    });
+    return out.clone();
+  }
+};
+
 // Turns the pass-1 accumulators into the row loss, validity and the row
 // statistics [c0, c1, c2, coef] of the gradient tile (all 0 at invalid rows).
 template <typename T>
@@ -246,6 +416,7 @@ std::vector<at::Tensor> sweep_typed(const at::Tensor& z, const c10::optional<at:
   sw.gamma = gamma;
   sw.kernels = pick_kernels<T>();
   const auto opts = z.options();
+  const bool symmetric = !has_ref && num_anchors == sw.M && sw.M > 0;
   at::Tensor row_loss = at::empty({0}, opts), valid = at::empty({0}, opts.dtype(at::kBool)), stats;
 
   if (saved_stats.has_value() && saved_stats->defined()) {
@@ -265,13 +436,19 @@ std::vector<at::Tensor> sweep_typed(const at::Tensor& z, const c10::optional<at:
       accp[i * kAccStride + 2] = kind == Kind::schane ? ninf : T(0);
       accp[i * kAccStride + 4] = kind == Kind::schane ? ninf : T(0);
     }
-    sw.row_pass(sw.kernels.stats, accp, nullptr);
+    if (symmetric)
+      SymmetricSweep<T>(sw).row_pass(sw.kernels.stats, accp, nullptr, false);
+    else
+      sw.row_pass(sw.kernels.stats, accp, nullptr);
     row_loss = at::empty({sw.A}, opts);
     valid = at::empty({sw.A}, opts.dtype(at::kBool));
     stats = at::zeros({sw.A, kStatStride}, opts);
     finalize_rows(sw, accp, n_same.data(), row_loss.data_ptr<T>(), valid.data_ptr<bool>(), stats.data_ptr<T>());
     if (kind == Kind::focal) {
-      sw.row_pass(sw.kernels.focal, accp, stats.data_ptr<T>());
+      if (symmetric)
+        SymmetricSweep<T>(sw).row_pass(sw.kernels.focal, accp, stats.data_ptr<T>(), true);
+      else
+        sw.row_pass(sw.kernels.focal, accp, stats.data_ptr<T>());
       finalize_focal(sw, accp, row_loss.data_ptr<T>(), valid.data_ptr<bool>(), stats.data_ptr<T>());
     }
   }
@@ -280,6 +457,10 @@ std::vector<at::Tensor> sweep_typed(const at::Tensor& z, const c10::optional<at:
   if (want_grad) {
     at::Tensor mult = stats.select(1, 3).contiguous();
     if (row_weight.has_value() && row_weight->defined()) mult = mult * *row_weight;
+    if (symmetric) {
+      grad_z = SymmetricSweep<T>(sw).grad_pass(stats.data_ptr<T>(), mult.data_ptr<T>());
+      return {row_loss, valid, stats, grad_z, grad_ref};
+    }
     const int64_t kc = (has_ref && need_ref_grad) ? sw.K : sw.M;
     auto [grad_a, grad_c] = sw.grad_pass(stats.data_ptr<T>(), mult.data_ptr<T>(), kc);
     grad_z = grad_c.narrow(0, 0, sw.M).clone();
