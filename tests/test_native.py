@@ -79,26 +79,35 @@ def test_gradcheck_float64(kind, reduction, with_ref):
 
 def _loss_and_grads(kind, case, threads):
     fn, kwargs = loss_fn(kind)
-    feats, labels, _, _ = make_inputs(case, dtype=torch.float32, seed=3)
+    feats, labels, ref, ref_labels = make_inputs(case, dtype=torch.float32, seed=3)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         x = feats.clone().requires_grad_(True)
-        loss = fn(x, labels, backend="native", **kwargs)
+        r = None if ref is None else ref.clone().requires_grad_(True)
+        loss = fn(x, labels, backend="native", ref_features=r, ref_labels=ref_labels, **kwargs)
         loss.backward()
     finally:
         torch.set_num_threads(old)
-    return loss.detach(), x.grad
+    return [loss.detach(), x.grad] + ([] if r is None else [r.grad])
 
 
+THREAD_CASES = [
+    # symmetric path: 3 x 3 upper-triangular tiles of 256, in several groups
+    Case("symmetric", b=330, v=2, d=24, labels=tuple(i % 37 for i in range(330))),
+    # general path: 3 row blocks of 256 anchors, 3 column tiles of 512 (ref rows included)
+    Case("with_ref", b=300, v=2, d=24, labels=tuple(i % 37 for i in range(300)), n_ref=500,
+         ref_labels=tuple(i % 41 for i in range(500))),
+]
+
+
+@pytest.mark.parametrize("case", THREAD_CASES, ids=[c.name for c in THREAD_CASES])
 @pytest.mark.parametrize("kind", LOSSES)
-def test_results_do_not_depend_on_thread_count(kind):
-    # 5 row blocks of anchors and 3 column tiles; dC sums over the row blocks
-    case = Case("threads", b=600, v=2, d=24, labels=tuple(i % 37 for i in range(600)))
+def test_results_do_not_depend_on_thread_count(kind, case):
     one = _loss_and_grads(kind, case, threads=1)
     two = _loss_and_grads(kind, case, threads=2)
-    assert torch.equal(one[0], two[0]), f"loss differs: {one[0].item()} vs {two[0].item()}"
-    assert torch.equal(one[1], two[1]), f"gradients differ by up to {(one[1] - two[1]).abs().max().item()}"
+    for name, a, b in zip(["loss", "features grad", "ref grad"], one, two):
+        assert torch.equal(a, b), f"{name} differs by up to {(a - b).abs().max().item()}"
 
 
 def test_auto_picks_native_on_cpu():
