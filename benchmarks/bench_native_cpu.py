@@ -15,8 +15,7 @@ floor, so background load shifts numerator and denominator alike.
 Points:
   floor         the three products of a forward+backward: s = z z^T, s z, s^T z (dense, timed alone;
                 s is materialised, 1 GiB at N = 16384, as the issue measured it)
-  floor_blocked the same three products per block of 1024 rows (no N x N matrix): the matmul
-                time alone, a stricter floor
+  floor_blocked the same three products per block of 1024 rows (no N x N matrix), for context
   native_supcon / native_schane   fastcon.functional loss(backend="native"), forward + backward
   dense_supcon  the published SupCon algorithm (HobbitLong/SupContrast losses.py), re-implemented below
   blockwise_supcon (with --blockwise)   fastcon's blockwise PyTorch path, for context

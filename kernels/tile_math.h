@@ -190,7 +190,7 @@ static void grad_tile(const TileArgs<T>& a) {
     }
     const T c0 = st[0], c1 = st[1], c2 = st[2];
     if (a.kind == Kind::supcon) {
-      // scale * (softmax_A(s)_ij - [j in P(i)] / |P(i)|); c1 = mult / |P(i)|
+      // scale * (softmax_A(s)_ij - [j in P(i)] / |P(i)|); c1 = 1 / |P(i)|
       const T pos_share = mult * c1;
 #pragma omp simd
       for (int64_t j = 0; j < a.cols; ++j) {
