@@ -127,8 +127,8 @@ def get_engine(name: str, device: torch.device):
 
         if not native.is_available():
             raise RuntimeError(
-                "backend='native' needs the compiled CPU extension; build it with "
-                "`pip install -e . --no-build-isolation` after installing a compiler and cmake "
+                "backend='native' needs the compiled CPU kernel; build it from the repository root with "
+                "`cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j2` "
                 f"(import error: {native.import_error()})"
             )
         if device.type != "cpu":
