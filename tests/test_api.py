@@ -10,7 +10,9 @@ import fastcon
 import fastcon.functional as FC
 from fastcon import CLCELoss, FocalSupConLoss, SCHaNeLoss, SupConLoss
 
-FAST_BACKENDS = ["blockwise"]
+import fastcon.native
+
+FAST_BACKENDS = ["blockwise"] + (["native"] if fastcon.native.is_available() else [])
 ALL_BACKENDS = ["reference"] + FAST_BACKENDS
 LOSS_FNS = {"supcon": FC.supcon_loss, "schane": FC.schane_loss, "focal": FC.focal_supcon_loss}
 
