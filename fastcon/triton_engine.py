@@ -137,7 +137,8 @@ def row_terms(stats: torch.Tensor, spec: LossSpec, num_contrast: int, weight: to
 
 
 def feature_grads(x, y, prm, num_anchors, num_out, spec: LossSpec):
-    """Launch the backward kernels: float32 ``(d anchors [A, D], d contrast [num_out, D])``."""
+    """Launch the backward kernels: float32 ``d contrast [num_out, D]``, the total gradient
+    of each contrast row (rows below A include their gradient as anchors)."""
     k, d = x.shape
     a = num_anchors
     kernel = _kernel("grad_kernel")
@@ -148,11 +149,12 @@ def feature_grads(x, y, prm, num_anchors, num_out, spec: LossSpec):
     inv_t = 1.0 / spec.temperature
     grad_anchor = torch.empty(a, d, dtype=torch.float32, device=x.device)
     kernel[lambda meta: (triton.cdiv(a, meta["BLOCK_M"]), n_d)](
-        x, y, prm, grad_anchor, a, k, a, d, inv_t, spec.beta, spec.gamma, WRT_CONTRAST=False, **common)
+        x, y, prm, grad_anchor, grad_anchor, a, k, a, d, inv_t, spec.beta, spec.gamma, WRT_CONTRAST=False, **common)
     grad_contrast = torch.empty(num_out, d, dtype=torch.float32, device=x.device)
     kernel[lambda meta: (triton.cdiv(num_out, meta["BLOCK_N"]), n_d)](
-        x, y, prm, grad_contrast, a, k, num_out, d, inv_t, spec.beta, spec.gamma, WRT_CONTRAST=True, **common)
-    return grad_anchor, grad_contrast
+        x, y, prm, grad_contrast, grad_anchor, a, k, num_out, d, inv_t, spec.beta, spec.gamma,
+        WRT_CONTRAST=True, **common)
+    return grad_contrast
 
 
 class TritonEngine:
@@ -181,9 +183,8 @@ class TritonEngine:
     def _grads(self, z, ref, x, y, prm, num_anchors, spec, need_ref_grad):
         m = z.shape[0]
         num_out = x.shape[0] if (ref is not None and need_ref_grad) else m
-        grad_anchor, grad_contrast = feature_grads(x, y, prm, num_anchors, num_out, spec)
+        grad_contrast = feature_grads(x, y, prm, num_anchors, num_out, spec)
         grad_z = grad_contrast[:m]
-        grad_z[:num_anchors] += grad_anchor
         grad_ref = grad_contrast[m:].to(z.dtype) if (ref is not None and need_ref_grad) else None
         return grad_z.to(z.dtype), grad_ref
 

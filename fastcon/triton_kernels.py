@@ -209,7 +209,7 @@ def _gradient_tile(s, rows, cols, row_ok, col_ok, y_row, y_col, prm_ptr, A, beta
 
 
 @triton.jit
-def grad_kernel(x_ptr, y_ptr, prm_ptr, out_ptr, A, K, num_out, D, inv_t,
+def grad_kernel(x_ptr, y_ptr, prm_ptr, out_ptr, anchor_grad_ptr, A, K, num_out, D, inv_t,
                 beta, gamma, K_BUCKET,
                 LOSS: tl.constexpr, WRT_CONTRAST: tl.constexpr,
                 BETA_ZERO: tl.constexpr, GAMMA_ZERO: tl.constexpr,
@@ -224,7 +224,9 @@ def grad_kernel(x_ptr, y_ptr, prm_ptr, out_ptr, A, K, num_out, D, inv_t,
 
     ``WRT_CONTRAST = False``: outputs are anchors (``num_out = A``), ``out = G x / t``.
     ``WRT_CONTRAST = True``: outputs are contrast columns (``num_out <= K``: columns
-    past ``num_out`` get no gradient), ``out = G^T x[:A] / t``.
+    past ``num_out`` get no gradient), ``out = G^T x[:A] / t``, plus the anchor gradient
+    ``anchor_grad [A, D]`` for columns that are anchors, so the total gradient of z needs
+    no separate buffer and sum.
     """
     pid = tl.program_id(0)
     offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -247,8 +249,9 @@ def grad_kernel(x_ptr, y_ptr, prm_ptr, out_ptr, A, K, num_out, D, inv_t,
                               mask=row_ok[:, None] & do_ok[None, :], other=0.0)
             acc = _dot(tl.trans(g.to(dot_dtype)), anchors, acc, DOT_PRECISION, UPCAST_DOT)
         out_ok = cols < num_out
-        tl.store(out_ptr + cols.to(tl.int64)[:, None] * D + offs_do[None, :], acc * inv_t,
-                 mask=out_ok[:, None] & do_ok[None, :])
+        col_offsets = cols.to(tl.int64)[:, None] * D + offs_do[None, :]
+        as_anchor = tl.load(anchor_grad_ptr + col_offsets, mask=(cols < A)[:, None] & do_ok[None, :], other=0.0)
+        tl.store(out_ptr + col_offsets, acc * inv_t + as_anchor, mask=out_ok[:, None] & do_ok[None, :])
     else:
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < A
