@@ -63,7 +63,7 @@ def _kernel(name: str):
         fn = getattr(kernels, name)
         if not TritonEngine.interpreter_enabled():
             configs = _stats_configs() if name == "row_stats_kernel" else _grad_configs()
-            key = _KEY + (["WRT_CONTRAST", "BLOCK_DO"] if name == "grad_kernel" else ["FOCAL_TERMS"])
+            key = _KEY + (["WRT_CONTRAST", "SYMMETRIC", "BLOCK_DO"] if name == "grad_kernel" else ["FOCAL_TERMS"])
             fn = triton.autotune(configs=configs, key=key)(fn)
         _tuned[name] = fn
     return _tuned[name]
@@ -136,9 +136,14 @@ def row_terms(stats: torch.Tensor, spec: LossSpec, num_contrast: int, weight: to
     return loss, valid, prm
 
 
-def feature_grads(x, y, prm, num_anchors, num_out, spec: LossSpec):
-    """Launch the backward kernels: float32 ``d contrast [num_out, D]``, the total gradient
-    of each contrast row (rows below A include their gradient as anchors)."""
+def feature_grads(x, y, prm, num_anchors, num_out, spec: LossSpec, symmetric: bool):
+    """Launch the backward kernel(s): float32 ``[num_out, D]``, the total gradient of each
+    contrast row (rows below A include their gradient as anchors).
+
+    ``symmetric`` (anchors are every contrast row): one sweep, ``(G + G^T) x / t``.
+    Otherwise two sweeps: anchor gradients by anchor blocks, then contrast gradients by
+    column blocks (which adds the anchor gradients in its epilogue).
+    """
     k, d = x.shape
     a = num_anchors
     kernel = _kernel("grad_kernel")
@@ -149,11 +154,14 @@ def feature_grads(x, y, prm, num_anchors, num_out, spec: LossSpec):
     inv_t = 1.0 / spec.temperature
     grad_anchor = torch.empty(a, d, dtype=torch.float32, device=x.device)
     kernel[lambda meta: (triton.cdiv(a, meta["BLOCK_M"]), n_d)](
-        x, y, prm, grad_anchor, grad_anchor, a, k, a, d, inv_t, spec.beta, spec.gamma, WRT_CONTRAST=False, **common)
+        x, y, prm, grad_anchor, grad_anchor, a, k, a, d, inv_t, spec.beta, spec.gamma,
+        WRT_CONTRAST=False, SYMMETRIC=symmetric, **common)
+    if symmetric:
+        return grad_anchor
     grad_contrast = torch.empty(num_out, d, dtype=torch.float32, device=x.device)
     kernel[lambda meta: (triton.cdiv(num_out, meta["BLOCK_N"]), n_d)](
         x, y, prm, grad_contrast, grad_anchor, a, k, num_out, d, inv_t, spec.beta, spec.gamma,
-        WRT_CONTRAST=True, **common)
+        WRT_CONTRAST=True, SYMMETRIC=False, **common)
     return grad_contrast
 
 
@@ -165,6 +173,9 @@ class TritonEngine:
     """
 
     name = "triton"
+    # One backward sweep with (G + G^T) when anchors are every contrast row; False
+    # forces the two-sweep form (kept for tests and comparison).
+    symmetric_backward = True
 
     def __init__(self, input_dtype: torch.dtype | None = None):
         half = input_dtype in (torch.bfloat16, torch.float16)
@@ -183,7 +194,8 @@ class TritonEngine:
     def _grads(self, z, ref, x, y, prm, num_anchors, spec, need_ref_grad):
         m = z.shape[0]
         num_out = x.shape[0] if (ref is not None and need_ref_grad) else m
-        grad_contrast = feature_grads(x, y, prm, num_anchors, num_out, spec)
+        symmetric = self.symmetric_backward and num_anchors == x.shape[0]
+        grad_contrast = feature_grads(x, y, prm, num_anchors, num_out, spec, symmetric)
         grad_z = grad_contrast[:m]
         grad_ref = grad_contrast[m:].to(z.dtype) if (ref is not None and need_ref_grad) else None
         return grad_z.to(z.dtype), grad_ref

@@ -80,8 +80,9 @@ def _online_lse(m, l, x):
 
 @triton.jit
 def _focal_terms(s, lse, gamma, GAMMA_ZERO: tl.constexpr):
-    """For L = s - lse (log p): ``(p, f(L), f'(L))`` with f(L) = (1 - e^L)^gamma L."""
-    log_p = s - lse[:, None]
+    """For L = s - lse (log p; ``lse`` broadcasts against ``s``): ``(p, f(L), f'(L))``
+    with f(L) = (1 - e^L)^gamma L."""
+    log_p = s - lse
     p = tl.exp(log_p)
     # 1 - e^L without cancellation near L = 0 (p close to 1): a Taylor series of -expm1
     series = -log_p * (1.0 + log_p * (0.5 + log_p * (1.0 / 6.0 + log_p * (1.0 / 24.0 + log_p * (1.0 / 120.0)))))
@@ -139,7 +140,7 @@ def row_stats_kernel(x_ptr, y_ptr, stats_ptr, A, K, D, inv_t,
         in_contrast = col_ok[None, :] & (rows[:, None] != cols[None, :])  # A(i): every column but self
         pos = in_contrast & same
         if FOCAL_TERMS:
-            p, f, fprime = _focal_terms(s, lse_all, gamma, GAMMA_ZERO)
+            p, f, fprime = _focal_terms(s, lse_all[:, None], gamma, GAMMA_ZERO)
             loss_sum += tl.sum(tl.where(pos, f, 0.0), 1)
             fprime_sum += tl.sum(tl.where(pos, fprime, 0.0), 1)
         else:
@@ -173,45 +174,48 @@ def row_stats_kernel(x_ptr, y_ptr, stats_ptr, A, K, D, inv_t,
 
 
 @triton.jit
-def _gradient_tile(s, rows, cols, row_ok, col_ok, y_row, y_col, prm_ptr, A, beta, gamma,
+def _gradient_tile(s, anchor, other, anchor_ok, other_ok, y_anchor, y_other, prm_ptr, A, beta, gamma,
                    LOSS: tl.constexpr, BETA_ZERO: tl.constexpr, GAMMA_ZERO: tl.constexpr):
-    """``G [BLOCK_M, BLOCK_N] = w_i dl_i/ds_ij`` from the anchors' parameters ``prm [5, A]``.
+    """``G = w_i dl_i/ds_ij`` of one tile from the anchors' parameters ``prm [5, A]``.
 
-    prm rows: SupCon (lse_all, -, -, c_i, c_i/|P|); SCHaNe (lse_P, lse_N1, lse_Nb, c_i, -);
-    focal (lse_all, -, -, c_i, c_i sum_P f'). ``c_i`` is zero at invalid or
-    zero-weight anchors, whose rows of G are zero.
+    The index arguments are broadcastable 2-D: ``anchor`` ``[BLOCK_M, 1]`` and ``other``
+    ``[1, BLOCK_N]`` give ``G_ij`` for the tile's rows as anchors; swapped, they give
+    ``G_ji`` (the transposed tile's values, from the columns' parameters), which the
+    symmetric backward needs. prm rows: SupCon (lse_all, -, -, c_i, c_i/|P|); SCHaNe
+    (lse_P, lse_N1, lse_Nb, c_i, -); focal (lse_all, -, -, c_i, c_i sum_P f'). ``c_i`` is
+    zero at invalid or zero-weight anchors, whose G is zero.
     """
-    lse_a = tl.load(prm_ptr + rows, mask=row_ok, other=0.0)
-    coef = tl.load(prm_ptr + 3 * A + rows, mask=row_ok, other=0.0)
-    same = y_row[:, None] == y_col[None, :]
-    in_contrast = col_ok[None, :] & (rows[:, None] != cols[None, :])
+    lse_a = tl.load(prm_ptr + anchor, mask=anchor_ok, other=0.0)
+    coef = tl.load(prm_ptr + 3 * A + anchor, mask=anchor_ok, other=0.0)
+    same = y_anchor == y_other
+    in_contrast = other_ok & (anchor != other)
     pos = in_contrast & same
     if LOSS == SUPCON:
         # scale w_i (softmax_A(s)_ij - [j in P(i)] / |P(i)|)
-        per_pos = tl.load(prm_ptr + 4 * A + rows, mask=row_ok, other=0.0)
-        g = coef[:, None] * tl.exp(s - lse_a[:, None]) - tl.where(pos, per_pos[:, None], 0.0)
+        per_pos = tl.load(prm_ptr + 4 * A + anchor, mask=anchor_ok, other=0.0)
+        g = coef * tl.exp(s - lse_a) - tl.where(pos, per_pos, 0.0)
     elif LOSS == SCHANE:
         # sigmoid(u_i) w_i times: -softmax_P(s) on P, (1+b) softmax_N((1+b)s) - b softmax_N(b s) on N
-        lse_n1 = tl.load(prm_ptr + A + rows, mask=row_ok, other=0.0)
-        g_neg = (1.0 + beta) * tl.exp((1.0 + beta) * s - lse_n1[:, None])
+        lse_n1 = tl.load(prm_ptr + A + anchor, mask=anchor_ok, other=0.0)
+        g_neg = (1.0 + beta) * tl.exp((1.0 + beta) * s - lse_n1)
         if not BETA_ZERO:
-            lse_nb = tl.load(prm_ptr + 2 * A + rows, mask=row_ok, other=0.0)
-            g_neg -= beta * tl.exp(beta * s - lse_nb[:, None])
-        neg = col_ok[None, :] & (y_row[:, None] != y_col[None, :])
-        g = coef[:, None] * tl.where(neg, g_neg, tl.where(pos, -tl.exp(s - lse_a[:, None]), 0.0))
+            lse_nb = tl.load(prm_ptr + 2 * A + anchor, mask=anchor_ok, other=0.0)
+            g_neg -= beta * tl.exp(beta * s - lse_nb)
+        neg = other_ok & (y_anchor != y_other)
+        g = coef * tl.where(neg, g_neg, tl.where(pos, -tl.exp(s - lse_a), 0.0))
     else:
         # -scale/K w_i ([j in P] f'(L_ij) - p_ij sum_P f'(L_i.))
-        coef_fsum = tl.load(prm_ptr + 4 * A + rows, mask=row_ok, other=0.0)
+        coef_fsum = tl.load(prm_ptr + 4 * A + anchor, mask=anchor_ok, other=0.0)
         p, f, fprime = _focal_terms(s, lse_a, gamma, GAMMA_ZERO)
-        g = coef[:, None] * tl.where(pos, fprime, 0.0) - coef_fsum[:, None] * p
-    active = in_contrast & (coef != 0.0)[:, None]
+        g = coef * tl.where(pos, fprime, 0.0) - coef_fsum * p
+    active = in_contrast & (coef != 0.0)
     return tl.where(active, g, 0.0)
 
 
 @triton.jit
 def grad_kernel(x_ptr, y_ptr, prm_ptr, out_ptr, anchor_grad_ptr, A, K, num_out, D, inv_t,
                 beta, gamma, K_BUCKET,
-                LOSS: tl.constexpr, WRT_CONTRAST: tl.constexpr,
+                LOSS: tl.constexpr, WRT_CONTRAST: tl.constexpr, SYMMETRIC: tl.constexpr,
                 BETA_ZERO: tl.constexpr, GAMMA_ZERO: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DO: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
@@ -220,9 +224,13 @@ def grad_kernel(x_ptr, y_ptr, prm_ptr, out_ptr, anchor_grad_ptr, A, K, num_out, 
     Grid: ``(cdiv(num_out, BLOCK_M or BLOCK_N), cdiv(D, BLOCK_DO))``. A program owns one
     block of output rows and one ``BLOCK_DO`` chunk of D, keeps a float32 accumulator
     ``[BLOCK_M | BLOCK_N, BLOCK_DO]`` and sweeps the other side of the similarity
-    matrix, recomputing each ``s [BLOCK_M, BLOCK_N]`` tile and its ``G`` tile.
+    matrix, recomputing each ``s [BLOCK_M, BLOCK_N]`` tile and its ``G`` tile(s).
 
     ``WRT_CONTRAST = False``: outputs are anchors (``num_out = A``), ``out = G x / t``.
+    With ``SYMMETRIC`` (every contrast row is an anchor: ``A = K``) the same sweep
+    also adds ``G^T``: ``out = (G + G^T) x / t`` is the whole gradient, one sweep
+    instead of two. ``G^T``'s tile comes from the same ``s`` tile (``s`` is symmetric)
+    with the columns' parameters.
     ``WRT_CONTRAST = True``: outputs are contrast columns (``num_out <= K``: columns
     past ``num_out`` get no gradient), ``out = G^T x[:A] / t``, plus the anchor gradient
     ``anchor_grad [A, D]`` for columns that are anchors, so the total gradient of z needs
@@ -243,7 +251,8 @@ def grad_kernel(x_ptr, y_ptr, prm_ptr, out_ptr, anchor_grad_ptr, A, K, num_out, 
             y_row = tl.load(y_ptr + rows, mask=row_ok, other=0)
             s = _similarity_tile(x_ptr, rows, cols, row_ok, col_ok, D, inv_t,
                                  BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST_DOT)
-            g = _gradient_tile(s, rows, cols, row_ok, col_ok, y_row, y_col, prm_ptr, A, beta, gamma,
+            g = _gradient_tile(s, rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :],
+                               y_row[:, None], y_col[None, :], prm_ptr, A, beta, gamma,
                                LOSS, BETA_ZERO, GAMMA_ZERO)
             anchors = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + offs_do[None, :],
                               mask=row_ok[:, None] & do_ok[None, :], other=0.0)
@@ -263,8 +272,13 @@ def grad_kernel(x_ptr, y_ptr, prm_ptr, out_ptr, anchor_grad_ptr, A, K, num_out, 
             y_col = tl.load(y_ptr + cols, mask=col_ok, other=0)
             s = _similarity_tile(x_ptr, rows, cols, row_ok, col_ok, D, inv_t,
                                  BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST_DOT)
-            g = _gradient_tile(s, rows, cols, row_ok, col_ok, y_row, y_col, prm_ptr, A, beta, gamma,
+            g = _gradient_tile(s, rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :],
+                               y_row[:, None], y_col[None, :], prm_ptr, A, beta, gamma,
                                LOSS, BETA_ZERO, GAMMA_ZERO)
+            if SYMMETRIC:
+                g += _gradient_tile(s, cols[None, :], rows[:, None], col_ok[None, :], row_ok[:, None],
+                                    y_col[None, :], y_row[:, None], prm_ptr, A, beta, gamma,
+                                    LOSS, BETA_ZERO, GAMMA_ZERO)
             contrast = tl.load(x_ptr + cols.to(tl.int64)[:, None] * D + offs_do[None, :],
                                mask=col_ok[:, None] & do_ok[None, :], other=0.0)
             acc = _dot(g.to(dot_dtype), contrast, acc, DOT_PRECISION, UPCAST_DOT)

@@ -55,6 +55,14 @@ def test_matches_reference_float32(kind, case, reduction, kernels_really_run):
     assert kernels_really_run
 
 
+@pytest.mark.parametrize("kind,case", PARAMS, ids=IDS)
+def test_two_sweep_backward(kind, case, monkeypatch):
+    """The two-sweep backward (anchor blocks, then column blocks) on the cases where the
+    default takes the one-sweep symmetric form, too."""
+    monkeypatch.setattr(triton_engine.TritonEngine, "symmetric_backward", False)
+    assert_matches_reference(kind, case, backend="triton", dtype=torch.float32, reduction="none")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("kind,case", PARAMS, ids=IDS)
 def test_matches_reference_half(kind, case, dtype, kernels_really_run):
@@ -72,8 +80,11 @@ def test_float64_runs_blockwise(kind, case, kernels_really_run):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("case", [MULTI_TILE, MULTI_TILE_REF], ids=lambda c: c.name)
 @pytest.mark.parametrize("kind", LOSSES)
-def test_multi_tile(kind, case, reduction):
+def test_multi_tile(kind, case, reduction, monkeypatch):
     assert_matches_reference(kind, case, backend="triton", dtype=torch.float32, reduction=reduction)
+    if case is MULTI_TILE and reduction == "none":  # and the two-sweep backward
+        monkeypatch.setattr(triton_engine.TritonEngine, "symmetric_backward", False)
+        assert_matches_reference(kind, case, backend="triton", dtype=torch.float32, reduction=reduction)
 
 
 @pytest.mark.parametrize("kind,overrides", [
