@@ -70,12 +70,12 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
-def _online_lse(m, l, x):
-    """Fold the rows of ``x`` (-inf where masked out) into running ``(max, sum of exp)``."""
-    m_new = tl.maximum(m, tl.max(x, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an empty row so far stays (-inf, 0)
-    l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
-    return m_new, l
+def _online_lse(run_max, run_sum, x):
+    """Fold the rows of ``x`` (-inf where masked out) into a running ``(max, sum of exp(. - max))``."""
+    new_max = tl.maximum(run_max, tl.max(x, 1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # an empty row so far stays (-inf, 0)
+    run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
+    return new_max, run_sum
 
 
 @triton.jit
@@ -140,7 +140,7 @@ def row_stats_kernel(x_ptr, y_ptr, stats_ptr, A, K, D, inv_t,
         in_contrast = col_ok[None, :] & (rows[:, None] != cols[None, :])  # A(i): every column but self
         pos = in_contrast & same
         if FOCAL_TERMS:
-            p, f, fprime = _focal_terms(s, lse_all[:, None], gamma, GAMMA_ZERO)
+            _, f, fprime = _focal_terms(s, lse_all[:, None], gamma, GAMMA_ZERO)
             loss_sum += tl.sum(tl.where(pos, f, 0.0), 1)
             fprime_sum += tl.sum(tl.where(pos, fprime, 0.0), 1)
         else:
@@ -206,7 +206,7 @@ def _gradient_tile(s, anchor, other, anchor_ok, other_ok, y_anchor, y_other, prm
     else:
         # -scale/K w_i ([j in P] f'(L_ij) - p_ij sum_P f'(L_i.))
         coef_fsum = tl.load(prm_ptr + 4 * A + anchor, mask=anchor_ok, other=0.0)
-        p, f, fprime = _focal_terms(s, lse_a, gamma, GAMMA_ZERO)
+        p, _, fprime = _focal_terms(s, lse_a, gamma, GAMMA_ZERO)
         g = coef * tl.where(pos, fprime, 0.0) - coef_fsum * p
     active = in_contrast & (coef != 0.0)
     return tl.where(active, g, 0.0)

@@ -155,7 +155,7 @@ def test_host_never_allocates_n_by_n(kind):
                     gamma=1.0 if kind == "focal" else 0.0)
     engine = triton_engine.TritonEngine(torch.float32)
     with _LargestTensor() as probe:
-        loss, valid, saved, grad_z, _ = engine.forward(z, None, labels, None, n, spec, True, False)
+        _, valid, saved, grad_z, _ = engine.forward(z, None, labels, None, n, spec, True, False)
         engine.backward(z, None, labels, None, n, spec, saved, torch.rand(n), False)
     assert grad_z.shape == (n, d) and valid.all()
     # O(N * D): the interpreter copies kernel arguments as bytes (4 per float32 element)
