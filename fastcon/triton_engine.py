@@ -45,8 +45,8 @@ def _stats_configs():
 
 
 def _grad_configs():
-    shapes = [(64, 64, 64, 4, 2), (128, 64, 64, 8, 2), (64, 128, 64, 8, 2),
-              (64, 64, 32, 4, 3), (128, 128, 32, 8, 2), (32, 64, 64, 4, 2)]
+    shapes = [(64, 64, 64, 4, 2), (128, 64, 64, 8, 2), (64, 128, 64, 8, 2), (64, 64, 32, 4, 3),
+              (128, 128, 32, 8, 2), (32, 64, 64, 4, 2), (64, 64, 128, 4, 2), (128, 64, 128, 8, 2)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": d}, num_warps=w, num_stages=st)
             for m, n, d, w, st in shapes]
 
@@ -183,8 +183,10 @@ class TritonEngine:
 
     @staticmethod
     def interpreter_enabled() -> bool:
-        """Whether Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
-        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+        """Whether Triton runs kernels on the CPU interpreter: TRITON_INTERPRET=1 was set
+        when the kernels were defined (setting it later changes nothing, so the kernels'
+        type is asked rather than the environment)."""
+        return type(kernels.row_stats_kernel).__name__ == "InterpretedFunction"
 
     def _operands(self, z, ref, labels, ref_labels):
         contrast = z if ref is None else torch.cat([z, ref], dim=0)
