@@ -14,8 +14,9 @@ the blockwise engine (Triton's float64 products have no tensor cores, and the
 reference comparison in float64 is the blockwise engine's job).
 
 Determinism: no atomics; every output element is written by one program in a fixed
-order, so a run is bitwise reproducible for a given tile configuration (the autotuner
-picks one per key and process).
+order, so a run is bitwise reproducible for a given tile configuration. The autotuner
+picks one per key and process; ``FASTCON_TRITON_AUTOTUNE=0`` fixes it, for results
+that are bitwise identical across processes as well.
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ _LOSS_IDS = {"supcon": 0, "schane": 1, "focal": 2}
 # Under the interpreter (CPU tests) one small fixed configuration keeps runs fast and
 # makes N not a multiple of the tile; tests may override it (FASTCON_TRITON_TILE).
 _INTERPRET_TILE = int(os.environ.get("FASTCON_TRITON_TILE", "16"))
+# FASTCON_TRITON_AUTOTUNE=0 replaces the autotuner by this configuration: results are then
+# bitwise identical across processes too (the autotuner's choice may differ between
+# processes, and the tile shape decides the order of the float32 sums).
+_FIXED_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 2}
+
+
+def _autotune() -> bool:
+    return not TritonEngine.interpreter_enabled() and os.environ.get("FASTCON_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _stats_configs():
@@ -61,7 +70,7 @@ def _kernel(name: str):
     """The kernel, wrapped in the autotuner on GPU (not under the interpreter)."""
     if name not in _tuned:
         fn = getattr(kernels, name)
-        if not TritonEngine.interpreter_enabled():
+        if _autotune():
             configs = _stats_configs() if name == "row_stats_kernel" else _grad_configs()
             key = _KEY + (["WRT_CONTRAST", "SYMMETRIC", "BLOCK_DO"] if name == "grad_kernel" else ["FOCAL_TERMS"])
             fn = triton.autotune(configs=configs, key=key)(fn)
@@ -70,10 +79,11 @@ def _kernel(name: str):
 
 
 def _tile_args():
+    """Launch arguments the autotuner would otherwise choose."""
     if TritonEngine.interpreter_enabled():
         t = _INTERPRET_TILE
         return {"BLOCK_M": t, "BLOCK_N": t, "BLOCK_D": t}
-    return {}
+    return {} if _autotune() else dict(_FIXED_CONFIG)
 
 
 def _flags(spec: LossSpec, x: torch.Tensor):

@@ -137,3 +137,19 @@ def test_extra_memory_is_linear(kind):
     large = _extra_peak_bytes(kind, 65536, d, torch.bfloat16)
     assert large <= 16 * 65536 * d * 4, f"{large / 2**20:.0f} MiB extra"
     assert large <= 2.6 * small, f"extra memory grew {large / small:.2f}x when N doubled"
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_fixed_configuration_without_autotuner(kind, monkeypatch):
+    """FASTCON_TRITON_AUTOTUNE=0 (bitwise reproducible across processes) still matches."""
+    import fastcon.triton_engine as triton_engine
+
+    monkeypatch.setenv("FASTCON_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(triton_engine, "_tuned", {})
+    case = Case("odd", b=1001, v=2, d=77, labels=tuple(i % 13 for i in range(1001)))
+    for dtype in DTYPES:
+        assert_matches_reference(kind, case, backend="triton", dtype=dtype, reduction="none", device="cuda")
+    feats, labels = _features(8192, 128, torch.bfloat16)
+    first = _loss_and_grad(kind, feats, labels, "triton")
+    second = _loss_and_grad(kind, feats, labels, "triton")
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
