@@ -5,7 +5,7 @@ Layout shared by every kernel:
 - ``x [K, D]`` holds the contrast rows (``cat(z, ref)``) in the dot-product dtype
   (float32, or bfloat16 / float16 for half-precision users); the anchors are its
   first ``A`` rows, and anchor ``i`` is contrast column ``i`` ("self").
-- ``y [K]`` holds the integer labels; positive / negative masks are compared inside
+- ``y [K]`` holds the labels (as int32 ranks); positive / negative masks are compared inside
   the kernel, one ``[BLOCK_M, BLOCK_N]`` tile at a time.
 - A similarity tile ``s = x[rows] . x[cols]^T / t`` is built by a loop over D in
   chunks of ``BLOCK_D`` with float32 accumulation, so any D works.
