@@ -106,7 +106,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "blockwise"
 
 
-def get_engine(name: str, device: torch.device):
+def get_engine(name: str, device: torch.device, input_dtype: torch.dtype | None = None):
+    """The engine for backend ``name``; ``input_dtype`` (the user's feature dtype) lets the
+    Triton engine use half-precision tensor-core products for half-precision users."""
     if name == "blockwise":
         from .blockwise import BlockwiseEngine
 
@@ -121,7 +123,7 @@ def get_engine(name: str, device: torch.device):
                 "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton "
                 f"is imported, for testing on CPU); got tensors on {device}"
             )
-        return TritonEngine()
+        return TritonEngine(input_dtype)
     if name == "native":
         from . import native
 

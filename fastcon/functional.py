@@ -55,7 +55,7 @@ def contrastive_loss(
     name = resolve_backend(backend, problem.z.device)
     if name == "reference":
         return reference.contrastive_loss(problem, spec, reduction)
-    return apply_engine(problem, spec, reduction, get_engine(name, problem.z.device))
+    return apply_engine(problem, spec, reduction, get_engine(name, problem.z.device, problem.input_dtype))
 
 
 def supcon_loss(

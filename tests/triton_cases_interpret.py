@@ -1,0 +1,162 @@
+"""The Triton kernels on CPU tensors under ``TRITON_INTERPRET=1``, against the dense reference.
+
+Not collected by a plain ``pytest`` run (the file name does not start with ``test_``):
+``tests/test_triton_interpret.py`` runs it in a subprocess with the interpreter switched
+on and a 16-wide tile, so the variable cannot leak into other tests and N, D are never
+multiples of the tile.
+"""
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported", allow_module_level=True)
+
+import fastcon.functional as FC  # noqa: E402
+import fastcon.triton_engine as triton_engine  # noqa: E402
+from fastcon.spec import LossSpec  # noqa: E402
+from tests.cases import LOSSES, Case, assert_matches_reference, cases_for, make_inputs, run_loss  # noqa: E402
+
+PARAMS = [(k, c) for k in LOSSES for c in cases_for(k)]
+IDS = [f"{k}-{c.name}" for k, c in PARAMS]
+
+# Several tiles in every direction (rows, columns, D chunks, output D chunks) with a
+# 16-wide tile: N = 2 * 37 = 74 rows, D = 41.
+MULTI_TILE = Case("v2_multi_tile", b=37, v=2, d=41, labels=tuple((i * 7) % 6 for i in range(37)))
+MULTI_TILE_REF = Case("v2_multi_tile_ref", b=21, v=2, d=19, labels=tuple(i % 4 for i in range(21)), n_ref=23,
+                      ref_labels=tuple(i % 6 for i in range(23)))
+
+
+@pytest.fixture(autouse=True)
+def kernels_really_run(monkeypatch):
+    """Every test must launch the row-statistics kernel (float64 excepted: it runs blockwise)."""
+    launches = []
+    original = triton_engine.row_stats
+
+    def counting(*args, **kwargs):
+        launches.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(triton_engine, "row_stats", counting)
+    yield launches
+
+
+def test_interpreter_is_on():
+    assert os.environ["TRITON_INTERPRET"] == "1" and triton_engine.TritonEngine.interpreter_enabled()
+    assert triton_engine._tile_args() == {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind,case", PARAMS, ids=IDS)
+def test_matches_reference_float32(kind, case, reduction, kernels_really_run):
+    assert_matches_reference(kind, case, backend="triton", dtype=torch.float32, reduction=reduction)
+    assert kernels_really_run
+
+
+@pytest.mark.parametrize("kind,case", PARAMS, ids=IDS)
+def test_two_sweep_backward(kind, case, monkeypatch):
+    """The two-sweep backward (anchor blocks, then column blocks) on the cases where the
+    default takes the one-sweep symmetric form, too."""
+    monkeypatch.setattr(triton_engine.TritonEngine, "symmetric_backward", False)
+    assert_matches_reference(kind, case, backend="triton", dtype=torch.float32, reduction="none")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("kind,case", PARAMS, ids=IDS)
+def test_matches_reference_half(kind, case, dtype, kernels_really_run):
+    # half-precision users get half-precision tile products (float32 accumulation)
+    assert_matches_reference(kind, case, backend="triton", dtype=dtype, reduction="none")
+    assert kernels_really_run
+
+
+@pytest.mark.parametrize("kind,case", PARAMS, ids=IDS)
+def test_float64_runs_blockwise(kind, case, kernels_really_run):
+    assert_matches_reference(kind, case, backend="triton", dtype=torch.float64, reduction="mean")
+    assert not kernels_really_run  # float64 is documented to run on the blockwise engine
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("case", [MULTI_TILE, MULTI_TILE_REF], ids=lambda c: c.name)
+@pytest.mark.parametrize("kind", LOSSES)
+def test_multi_tile(kind, case, reduction, monkeypatch):
+    assert_matches_reference(kind, case, backend="triton", dtype=torch.float32, reduction=reduction)
+    if case is MULTI_TILE and reduction == "none":  # and the two-sweep backward
+        monkeypatch.setattr(triton_engine.TritonEngine, "symmetric_backward", False)
+        assert_matches_reference(kind, case, backend="triton", dtype=torch.float32, reduction=reduction)
+
+
+@pytest.mark.parametrize("kind,overrides", [
+    ("supcon", dict(temperature=0.02)),  # low temperature: the online max must keep exp finite
+    ("schane", dict(beta=0.0)),  # SCHaNe's "easy" estimator (its own constexpr branch)
+    ("schane", dict(beta=3.0, temperature=0.05)),
+    ("focal", dict(gamma=0.0)),
+    ("focal", dict(gamma=0.5)),  # (1-p)^(gamma-1) is singular at p = 1
+], ids=["supcon-t0.02", "schane-beta0", "schane-beta3", "focal-gamma0", "focal-gamma0.5"])
+def test_hyper_parameters(kind, overrides):
+    for reduction in ("mean", "none"):
+        assert_matches_reference(kind, MULTI_TILE, backend="triton", dtype=torch.float32, reduction=reduction,
+                                 **overrides)
+
+
+def test_one_mode_with_ref_rows():
+    case = Case("v3_one_ref", b=17, v=3, d=11, labels=tuple(i % 5 for i in range(17)), contrast_mode="one",
+                n_ref=9, ref_labels=tuple(i % 7 for i in range(9)))
+    for reduction in ("mean", "none"):
+        assert_matches_reference("supcon", case, backend="triton", dtype=torch.float32, reduction=reduction)
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_frozen_ref_rows(kind):
+    """ref_features without requires_grad (a memory bank): only the features' gradient."""
+    feats, labels, ref, ref_labels = make_inputs(MULTI_TILE_REF, dtype=torch.float32)
+    grads = []
+    for backend in ("triton", "reference"):
+        x = feats.clone().requires_grad_(True)
+        fn = {"supcon": FC.supcon_loss, "schane": FC.schane_loss, "focal": FC.focal_supcon_loss}[kind]
+        loss = fn(x, labels, ref_features=ref, ref_labels=ref_labels, backend=backend)
+        loss.backward()
+        grads.append((loss.detach(), x.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_bitwise_deterministic(kind):
+    feats, labels, ref, ref_labels = make_inputs(MULTI_TILE, dtype=torch.float32)
+    first = run_loss(kind, MULTI_TILE, feats, labels, ref, ref_labels, backend="triton", reduction="none")
+    second = run_loss(kind, MULTI_TILE, feats, labels, ref, ref_labels, backend="triton", reduction="none")
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any PyTorch operation produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_host_never_allocates_n_by_n(kind):
+    """The engine's host code creates nothing of size N x N (the kernels hold tiles only)."""
+    n, d = 128, 5
+    z = torch.nn.functional.normalize(torch.randn(n, d), dim=1)
+    labels = torch.arange(n) % 7
+    spec = LossSpec(kind, temperature=0.1, scale=1.0, beta=0.5 if kind == "schane" else 0.0,
+                    gamma=1.0 if kind == "focal" else 0.0)
+    engine = triton_engine.TritonEngine(torch.float32)
+    with _LargestTensor() as probe:
+        _, valid, saved, grad_z, _ = engine.forward(z, None, labels, None, n, spec, True, False)
+        engine.backward(z, None, labels, None, n, spec, saved, torch.rand(n), False)
+    assert grad_z.shape == (n, d) and valid.all()
+    # O(N * D): the interpreter copies kernel arguments as bytes (4 per float32 element)
+    assert probe.largest <= 8 * n * d < n * n // 3, f"largest tensor has {probe.largest} elements; N x N is {n * n}"
