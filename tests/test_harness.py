@@ -259,7 +259,7 @@ def test_loss_kwargs_gather_only_with_several_ranks():
 def test_torchrun_two_processes_ce(tmp_path):
     """DDP on gloo: both ranks train, only rank 0 writes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "fastcon", "finetune", "--loss", "ce", "--out", str(tmp_path / "run"), *TINY, "--epochs", "2"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
