@@ -67,7 +67,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=40)
+    g.add_argument("--epochs", type=int, default=25)
     g.add_argument("--batch-size", type=int, default=64, help="images per step (per process); each gives 2 views")
     g.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (warm-up, then cosine)")
     g.add_argument("--weight-decay", type=float, default=0.05)
@@ -98,6 +98,13 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _end_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def run_finetune(args) -> int:
     from .data import DatasetError
     from .train import finetune
@@ -107,6 +114,8 @@ def run_finetune(args) -> int:
         finetune(args)
     except (DatasetError, FileNotFoundError) as exc:
         return _fail(str(exc))
+    finally:
+        _end_distributed()
     return 0
 
 
@@ -127,6 +136,8 @@ def run_compare(args) -> int:
             rows.append(finetune(run_args))
     except (DatasetError, FileNotFoundError) as exc:
         return _fail(str(exc))
+    finally:
+        _end_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         print(write_comparison(rows, root, total_seconds=time.time() - started))
     return 0
