@@ -267,3 +267,16 @@ def test_torchrun_two_processes_ce(tmp_path):
     final = json.loads((tmp_path / "run" / "final.json").read_text())
     assert final["world_size"] == 2 and final["test_top1"] > 0.2
     assert done.stdout.count("test top-1") + done.stderr.count("test top-1") == 1  # rank 0 only
+
+
+def test_two_views_are_independent_augmentations():
+    from fastcon.harness.data import model_input
+
+    images = torch.rand(4, 1, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    v1 = model_input(images, 16, augment=True, generator=g)
+    v2 = model_input(images, 16, augment=True, generator=g)
+    assert v1.shape == v2.shape == (4, 3, 16, 16)
+    assert not torch.allclose(v1, v2)
+    plain = model_input(images, 16)
+    assert plain.shape == (4, 3, 16, 16) and -1 <= plain.min() and plain.max() <= 1
