@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 # The default: timm's ViT built small enough to train from scratch on a 2-core CPU
-# in well under a minute per loss on the 8x8 digits upsampled to 16x16 (16 patches).
+# in about a minute per loss on the 8x8 digits upsampled to 16x16 (16 patches of 4x4).
 DEFAULT_MODEL = "vit_tiny_patch16_224"
 DEFAULT_MODEL_ARGS = {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0}
 DEFAULT_IMG_SIZE = 16
