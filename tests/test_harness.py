@@ -251,21 +251,54 @@ def test_any_timm_model_name():
 
 # ----------------------------------------------------------------------------- distributed
 
-def test_loss_kwargs_gather_only_with_several_ranks():
-    assert loss_kwargs(1) == {}
-    assert loss_kwargs(2) == {"gather": True}
+def test_losses_gather_only_with_several_ranks(monkeypatch):
+    """Every contrastive loss goes through fastcon's public modules with backend="auto",
+    and gathers across ranks exactly when there are several."""
+    import argparse
+
+    import fastcon
+    from fastcon.harness import recipes
+
+    built = []
+
+    def recorder(name):
+        return lambda **kw: built.append((name, kw))
+
+    for name in ("SupConLoss", "SCHaNeLoss", "CLCELoss", "FocalSupConLoss"):
+        monkeypatch.setattr(fastcon, name, recorder(name))
+    args = argparse.Namespace(temperature=0.07, base_temperature=0.07, beta=1.0, alpha=0.5, eta=0.1, gamma=1.0,
+                              mix_alpha=1.0)
+    for world_size in (1, 2):
+        built.clear()
+        for loss in LOSSES:
+            recipes.make_recipe(argparse.Namespace(**vars(args), loss=loss), num_classes=10, world_size=world_size)
+        assert sorted(n for n, _ in built) == ["CLCELoss", "FocalSupConLoss", "SCHaNeLoss", "SupConLoss"]
+        for _, kw in built:
+            assert kw["backend"] == "auto"
+            assert kw.get("gather", False) is (world_size > 1)
+    assert loss_kwargs(1) == {"backend": "auto"}
 
 
-def test_torchrun_two_processes_ce(tmp_path):
-    """DDP on gloo: both ranks train, only rank 0 writes."""
+def _losses_can_gather() -> bool:
+    import inspect
+
+    import fastcon
+
+    return "gather" in inspect.signature(fastcon.SupConLoss).parameters
+
+
+def test_torchrun_two_processes(tmp_path):
+    """DDP on gloo: both ranks train, only rank 0 writes. With losses that can gather across
+    ranks (issue 6) a contrastive recipe runs, else cross-entropy."""
+    loss = "clce" if _losses_can_gather() else "ce"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "fastcon", "finetune", "--loss", "ce", "--out", str(tmp_path / "run"), *TINY, "--epochs", "2"]
+           "-m", "fastcon", "finetune", "--loss", loss, "--out", str(tmp_path / "run"), *TINY, "--epochs", "2"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-3000:]
     final = json.loads((tmp_path / "run" / "final.json").read_text())
-    assert final["world_size"] == 2 and final["test_top1"] > 0.2
+    assert final["world_size"] == 2 and final["loss"] == loss and final["test_top1"] > 0.2
     assert done.stdout.count("test top-1") + done.stderr.count("test top-1") == 1  # rank 0 only
 
 

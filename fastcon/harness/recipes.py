@@ -8,9 +8,9 @@ inside the wrapped module's ``forward``:
   what the loss needs (logits, projections, mixed rows);
 - ``loss(outputs, labels)``: the scalar objective.
 
-Every contrastive loss is a fastcon module (``backend="auto"``); :func:`loss_kwargs` adds
-``gather=True`` under multi-process training so that every rank's anchors contrast
-against the rows of all ranks.
+Every contrastive loss is a fastcon module (``backend="auto"``), built with
+:func:`loss_kwargs`, which adds ``gather=True`` under multi-process training so that every
+rank's anchors contrast against the rows of all ranks.
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ LOSSES = ("ce", "supcon", "schane", "clce", "core")
 
 
 def loss_kwargs(world_size: int) -> dict:
-    """Extra keyword arguments of every contrastive loss call."""
-    return {"gather": True} if world_size > 1 else {}
+    """Keyword arguments of every contrastive loss module besides its hyper-parameters."""
+    kwargs = {"backend": "auto"}
+    if world_size > 1:
+        kwargs["gather"] = True
+    return kwargs
 
 
 def by_view(rows: torch.Tensor, views: int = 2) -> torch.Tensor:
@@ -42,7 +45,7 @@ class Recipe:
     def __init__(self, args, *, num_classes: int, world_size: int = 1, rank: int = 0):
         self.args = args
         self.num_classes = num_classes
-        self.extra = loss_kwargs(world_size)
+        self.loss_options = loss_kwargs(world_size)
         self.rank = rank
 
     def heads(self, net, features: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -71,13 +74,13 @@ class SupCon(Recipe):
     def __init__(self, args, **kw):
         super().__init__(args, **kw)
         self.contrastive = fastcon.SupConLoss(temperature=args.temperature,
-                                              base_temperature=args.base_temperature, backend="auto")
+                                              base_temperature=args.base_temperature, **self.loss_options)
 
     def heads(self, net, features, labels):
         return {"projections": net.projector(features)}
 
     def loss(self, out, labels):
-        return self.contrastive(by_view(out["projections"]), labels, **self.extra)
+        return self.contrastive(by_view(out["projections"]), labels)
 
 
 class SCHaNe(Recipe):
@@ -87,13 +90,13 @@ class SCHaNe(Recipe):
     def __init__(self, args, **kw):
         super().__init__(args, **kw)
         self.alpha = args.alpha
-        self.contrastive = fastcon.SCHaNeLoss(temperature=args.temperature, beta=args.beta, backend="auto")
+        self.contrastive = fastcon.SCHaNeLoss(temperature=args.temperature, beta=args.beta, **self.loss_options)
 
     def heads(self, net, features, labels):
         return {"logits": net.classifier(features), "projections": net.projector(features)}
 
     def loss(self, out, labels):
-        contrastive = self.contrastive(by_view(out["projections"]), labels, **self.extra)
+        contrastive = self.contrastive(by_view(out["projections"]), labels)
         return self.alpha * contrastive + (1 - self.alpha) * F.cross_entropy(out["logits"], labels.repeat(2))
 
 
@@ -104,10 +107,10 @@ class CLCE(SCHaNe):
     def __init__(self, args, **kw):
         Recipe.__init__(self, args, **kw)
         self.contrastive = fastcon.CLCELoss(alpha=args.alpha, temperature=args.temperature, beta=args.beta,
-                                            backend="auto")
+                                            **self.loss_options)
 
     def loss(self, out, labels):
-        return self.contrastive(by_view(out["projections"]), by_view(out["logits"]), labels, **self.extra)
+        return self.contrastive(by_view(out["projections"]), by_view(out["logits"]), labels)
 
 
 class CoreTuning(Recipe):
@@ -127,7 +130,7 @@ class CoreTuning(Recipe):
         self.eta = args.eta
         self.mixup = torch.distributions.Beta(args.mix_alpha, args.mix_alpha)
         self.contrastive = fastcon.FocalSupConLoss(temperature=args.temperature, base_temperature=args.base_temperature,
-                                                   gamma=args.gamma, backend="auto")
+                                                   gamma=args.gamma, **self.loss_options)
 
     def heads(self, net, features, labels):
         labels = labels.repeat(2)
@@ -158,7 +161,7 @@ class CoreTuning(Recipe):
         ce = -(out["targets"] * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
         # labels >= num_classes, unique across rows and ranks: a mixed row has no positive
         mixed = self.num_classes + self.rank * 2 * rows + torch.arange(2 * rows, device=labels.device)
-        focal = self.contrastive(projections, torch.cat([labels, mixed]), **self.extra)
+        focal = self.contrastive(projections, torch.cat([labels, mixed]))
         return ce + self.eta * focal
 
 
