@@ -18,6 +18,11 @@ from .recipes import LOSSES
 COMPARE_COLUMNS = ("loss", "test_top1", "alignment", "class_alignment", "uniformity", "isotropy",
                    "effective_rank", "train_seconds", "peak_rss_mb")
 
+TORCHRUN_NOTE = ("Several processes: torchrun --nproc-per-node 2 -m %(prog)s ... (DDP: gloo on CPU, NCCL "
+                 "on CUDA; --batch-size is per process; contrastive losses contrast against every rank's rows). "
+                 "Outputs: metrics.jsonl (per epoch), final.json, model.safetensors + model.json, curves.png, "
+                 "embeddings.png (PCA of the test embeddings).")
+
 VIEWS_NOTE = ("Contrastive recipes see two views of every image from two independent random augmentations "
               "(the SCHaNe reference code feeds the same crop twice; fastcon does not).")
 
@@ -26,6 +31,7 @@ def register(subparsers) -> None:
     finetune = subparsers.add_parser(
         "finetune", help="fine-tune a timm model with one loss",
         description="Fine-tune a timm model with cross-entropy or a contrastive recipe. " + VIEWS_NOTE,
+        epilog=TORCHRUN_NOTE,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     finetune.add_argument("--loss", choices=LOSSES, default="ce",
                           help="ce: cross-entropy; supcon: LaCViT (SupCon stage, then a linear classifier on "
@@ -38,6 +44,7 @@ def register(subparsers) -> None:
         "compare", help="fine-tune with several losses on the same data, seed and budget; print one table",
         description="Run each loss with the same data, seed and budget, then print one table and write it as "
                     "CSV and Markdown with a plot. " + VIEWS_NOTE,
+        epilog=TORCHRUN_NOTE,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     compare.add_argument("--losses", default=",".join(LOSSES), help="comma-separated losses to compare")
     _add_common(compare)
