@@ -14,6 +14,7 @@ single-process gradients of its rows (``reduction="none"``: unscaled).
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import socket
@@ -33,7 +34,14 @@ from tests.cases import TOLERANCES, loss_fn
 
 # samples per rank: uneven on purpose
 RANK_SIZES = {2: [5, 8], 3: [5, 3, 6]}
-BACKENDS = ["blockwise", "reference"]
+# (gather, backend, block memory budget): the ring's row statistics are chunked by the
+# blockwise budget too, and a few hundred bytes force chunks of one or two anchors
+MODES = {
+    "gather-blockwise": (True, "blockwise", None),
+    "gather-reference": (True, "reference", None),
+    "ring": ("ring", "auto", None),
+    "ring-small-chunks": ("ring", "auto", 300),
+}
 
 
 @dataclass(frozen=True)
@@ -66,8 +74,10 @@ DIST_CASES = [
     DistCase("clce_rows", "clce", v=None, num_classes=4, reductions=("mean",)),
 ]
 
-CHECKS = [f"{c.name}-{r}-{b}" for c in DIST_CASES for r in c.reductions for b in BACKENDS]
-CHECKS += ["no_valid_anchor", "ddp_step_supcon", "ddp_step_clce", "memory_bank_push_gather"]
+CHECKS = [f"{c.name}-{r}-{m}" for c in DIST_CASES for r in c.reductions for m in MODES]
+CHECKS += [f"no_valid_anchor-{g}" for g in ("gather", "ring")]
+CHECKS += [f"ddp_step_{k}-{g}" for k in ("supcon", "clce") for g in ("gather", "ring")]
+CHECKS += ["memory_bank_push_gather"]
 WORLDS = [2, 3]
 
 
@@ -112,7 +122,11 @@ def _close(got, want, what, kind="grad"):
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-def _check_case(case: DistCase, reduction: str, backend: str, rank: int, world: int, seed: int):
+def _check_case(case: DistCase, reduction: str, mode: str, rank: int, world: int, seed: int):
+    gather, backend, budget = MODES[mode]
+    if budget is not None:
+        with fastcon.block_memory(budget):
+            return _check_case(case, reduction, mode.split("-")[0], rank, world, seed)
     sizes = RANK_SIZES[world]
     feats, labels, ref, ref_labels, logits = _global_inputs(case, sizes, seed)
     start, end = sum(sizes[:rank]), sum(sizes[: rank + 1])
@@ -134,7 +148,7 @@ def _check_case(case: DistCase, reduction: str, backend: str, rank: int, world: 
     r_r = None if ref is None else ref.clone().requires_grad_(True)  # every rank passes the same bank
     lg_r = None if logits is None else logits[start:end].clone().requires_grad_(True)
     y_r = None if labels is None else labels[start:end]
-    got = _loss(case, x_r, y_r, r_r, ref_labels, lg_r, reduction=reduction, backend=backend, gather=True)
+    got = _loss(case, x_r, y_r, r_r, ref_labels, lg_r, reduction=reduction, backend=backend, gather=gather)
     if reduction == "none":
         index = _anchor_index(case, sizes, rank)
         (got * upstream[index]).sum().backward()
@@ -152,16 +166,16 @@ def _check_case(case: DistCase, reduction: str, backend: str, rank: int, world: 
         _close(fastcon.distributed.all_reduce_sum(r_r.grad), scale * r.grad, "ref_features grad summed over ranks")
 
 
-def _check_no_valid_anchor(rank, world):
+def _check_no_valid_anchor(gather, rank, world):
     # one row per rank, every label distinct: no anchor has a positive anywhere
     x = torch.randn(1, 4, dtype=torch.float64, requires_grad=True)
-    loss = FC.supcon_loss(x, torch.tensor([rank]), gather=True)
+    loss = FC.supcon_loss(x, torch.tensor([rank]), gather=gather)
     loss.backward()
-    assert float(loss) == 0.0, f"loss {float(loss)}"
+    assert loss.item() == 0.0, f"loss {loss.item()}"
     assert torch.equal(x.grad, torch.zeros_like(x)), x.grad
 
 
-def _ddp_step(kind: str, rank: int, world: int, seed: int):
+def _ddp_step(kind: str, gather, rank: int, world: int, seed: int):
     """One SGD step of a tiny model under DDP equals one step of a single process on the whole batch."""
     sizes = RANK_SIZES[world]
     b, start, end = sum(sizes), sum(sizes[:rank]), sum(sizes[: rank + 1])
@@ -186,7 +200,7 @@ def _ddp_step(kind: str, rank: int, world: int, seed: int):
 
     ddp = torch.nn.parallel.DistributedDataParallel(make_model())
     opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
-    loss_of(ddp, inputs[start:end], labels[start:end], gather=True).backward()
+    loss_of(ddp, inputs[start:end], labels[start:end], gather=gather).backward()
     opt.step()
     for (name, p_single), p_ddp in zip(single.named_parameters(), ddp.module.parameters()):
         _close(p_ddp.detach(), p_single.detach(), f"parameter {name} after one step")
@@ -204,6 +218,7 @@ def _check_memory_bank_gather(rank, world):
 
 
 def _worker(rank, world, port, out_dir):
+    faulthandler.enable()  # a crash inside a collective prints where it happened
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
@@ -219,16 +234,17 @@ def _worker(rank, world, port, out_dir):
     try:
         for i, case in enumerate(DIST_CASES):
             for reduction in case.reductions:
-                for backend in BACKENDS:
-                    run(f"{case.name}-{reduction}-{backend}", _check_case, case, reduction, backend, rank, world,
-                        100 + i)
-        run("no_valid_anchor", _check_no_valid_anchor, rank, world)
-        run("ddp_step_supcon", _ddp_step, "supcon", rank, world, 7)
-        run("ddp_step_clce", _ddp_step, "clce", rank, world, 8)
+                for mode in MODES:
+                    run(f"{case.name}-{reduction}-{mode}", _check_case, case, reduction, mode, rank, world, 100 + i)
+        for name, gather in (("gather", True), ("ring", "ring")):
+            run(f"no_valid_anchor-{name}", _check_no_valid_anchor, gather, rank, world)
+            run(f"ddp_step_supcon-{name}", _ddp_step, "supcon", gather, rank, world, 7)
+            run(f"ddp_step_clce-{name}", _ddp_step, "clce", gather, rank, world, 8)
         run("memory_bank_push_gather", _check_memory_bank_gather, rank, world)
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(outcome, f)
+        dist.barrier()  # no rank tears its connections down while another still uses them
         dist.destroy_process_group()
 
 
@@ -266,17 +282,13 @@ def test_matches_single_process(world, check, tmp_path_factory):
     assert not failures, "\n".join(failures)
 
 
-def test_without_process_group_gather_is_single_process():
+@pytest.mark.parametrize("gather", [True, "ring"])
+def test_without_process_group_gather_is_single_process(gather):
     # no torch.distributed initialised: a world of one, identical to gather=False
     x = torch.randn(6, 2, 5, dtype=torch.float64)
     y = torch.tensor([0, 1, 0, 2, 1, 2])
-    got = FC.supcon_loss(x, y, gather=True)
+    got = FC.supcon_loss(x, y, gather=gather)
     torch.testing.assert_close(got, FC.supcon_loss(x, y), rtol=0, atol=0)
-
-
-def test_ring_mode_is_refused_clearly():
-    with pytest.raises(NotImplementedError, match="gather=True"):
-        FC.schane_loss(torch.randn(4, 2, 3), torch.tensor([0, 1, 0, 1]), gather="ring")
 
 
 @pytest.mark.parametrize("bad", ["yes", 1, None])
