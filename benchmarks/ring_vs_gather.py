@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import fastcon.functional as FC  # noqa: E402
+import fastcon.functional as FC
 
 
 def _rss_mib() -> float:
@@ -74,7 +74,10 @@ def main():
             out_dir = tempfile.mkdtemp()
             mp.spawn(_worker, args=(world, _free_port(), gather, args.rows, args.dim, args.loss, args.repeats,
                                     out_dir), nprocs=world, join=True)
-            results = [open(os.path.join(out_dir, f"{r}.txt")).read().split() for r in range(world)]
+            results = []
+            for r in range(world):
+                with open(os.path.join(out_dir, f"{r}.txt")) as f:
+                    results.append(f.read().split())
             seconds = max(float(r[0]) for r in results)
             peak = max(float(r[1]) for r in results)
             mode = "ring" if gather == "ring" else "gather"

@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -143,7 +143,7 @@ class RankLayout:
 
     rank: int
     world: int
-    row_counts: List[int]  # flattened rows of every rank
+    row_counts: list[int]  # flattened rows of every rank
     all_labels: torch.Tensor  # [sum(row_counts)] labels of every rank's rows, rank order
 
     @property
@@ -411,11 +411,11 @@ class _RingContrast(torch.autograd.Function):
         anchors = z[:num_anchors]
         num_contrast = sum(layout.row_counts) + (0 if ref is None else ref.shape[0])
         stats = _RowStatistics(spec, num_anchors, num_contrast, z.dtype, z.device)
-        chunk = block_rows(num_anchors, max(layout.row_counts), spec, z.dtype)
         starts = [0] + list(itertools.accumulate(layout.row_counts))
 
         def visit_rows(block, block_labels, own, lap):
             block_t = block * inv_t
+            chunk = block_rows(num_anchors, block.shape[0], spec, z.dtype)  # anchors per chunk, by the budget
             for r0 in range(0, num_anchors, chunk):
                 rows = slice(r0, min(num_anchors, r0 + chunk))
                 s, pos, neg = _block_pieces(anchors[rows], labels[rows], block_t, block_labels,
@@ -445,7 +445,6 @@ class _RingContrast(torch.autograd.Function):
         inv_t = 1.0 / spec.temperature
         anchors_t = z[:a] * inv_t
         weight = _zero_invalid(grad_row_loss.to(z.dtype), stats.valid())
-        chunk = block_rows(a, max(layout.row_counts), spec, z.dtype)
         starts = [0] + list(itertools.accumulate(layout.row_counts))
         grad_anchors = torch.zeros_like(anchors_t)
 
@@ -453,6 +452,7 @@ class _RingContrast(torch.autograd.Function):
             """Add this rank's anchors' gradient to ``grad_anchors``; return the block's."""
             block_t = block * inv_t
             grad_block = torch.zeros_like(block)
+            chunk = block_rows(a, block.shape[0], spec, z.dtype)
             for r0 in range(0, a, chunk):
                 rows = slice(r0, min(a, r0 + chunk))
                 s, pos, neg = _block_pieces(z[rows], labels[rows], block_t, block_labels, r0 if own else None)
