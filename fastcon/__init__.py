@@ -3,6 +3,7 @@
 from . import functional
 from .blockwise import block_memory, get_block_memory, set_block_memory
 from .losses import CLCELoss, FocalSupConLoss, SCHaNeLoss, SupConLoss
+from .memory_bank import MemoryBank
 
 __version__ = "0.1.0"
 
@@ -11,6 +12,7 @@ __all__ = [
     "SCHaNeLoss",
     "CLCELoss",
     "FocalSupConLoss",
+    "MemoryBank",
     "functional",
     "set_block_memory",
     "get_block_memory",

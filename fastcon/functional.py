@@ -6,6 +6,10 @@ view-major) or ``[N, D]`` (one view per row, labels required), optional integer
 (a memory bank, a queue). The math is SPEC.md's. ``backend`` is ``"auto"``,
 ``"reference"`` (dense), ``"blockwise"``, ``"triton"`` or ``"native"``.
 
+With ``gather=True`` under an initialised ``torch.distributed`` process group (``process_group``,
+default the world) each rank's anchors contrast against the rows of every rank, and the
+returned loss is scaled for DDP's gradient averaging (see :mod:`fastcon.distributed`).
+
 The loss comes back in float32 (float64 for float64 input); gradients reach the
 inputs in their own dtype.
 """
@@ -28,6 +32,7 @@ from ._inputs import (
     compute_dtype,
     prepare,
 )
+from .distributed import check_gather, distributed_contrastive_loss, rescale_local_mean
 from .spec import LossSpec
 
 __all__ = ["supcon_loss", "schane_loss", "clce_loss", "focal_supcon_loss", "contrastive_loss"]
@@ -44,10 +49,19 @@ def contrastive_loss(
     backend: str = "auto",
     ref_features=None,
     ref_labels=None,
+    process_group=None,
+    gather=False,
 ) -> torch.Tensor:
     """Any loss of SPEC.md given as a :class:`~fastcon.spec.LossSpec`; the public losses call this."""
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("backend", backend, BACKENDS)
+    check_gather(gather, process_group)
+    if gather is not False:
+        return distributed_contrastive_loss(
+            features, labels, spec=spec, contrast_mode=contrast_mode, normalize=normalize,
+            reduction=reduction, backend=backend, ref_features=ref_features, ref_labels=ref_labels,
+            process_group=process_group, gather=gather,
+        )
     problem = prepare(
         features, labels, contrast_mode=contrast_mode, normalize=normalize,
         ref_features=ref_features, ref_labels=ref_labels,
@@ -70,6 +84,8 @@ def supcon_loss(
     backend: str = "auto",
     ref_features=None,
     ref_labels=None,
+    process_group=None,
+    gather=False,
 ) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020), as in SupContrast's ``losses.py``.
 
@@ -82,6 +98,7 @@ def supcon_loss(
     return contrastive_loss(
         features, labels, spec=spec, contrast_mode=contrast_mode, normalize=normalize,
         reduction=reduction, backend=backend, ref_features=ref_features, ref_labels=ref_labels,
+        process_group=process_group, gather=gather,
     )
 
 
@@ -96,6 +113,8 @@ def schane_loss(
     backend: str = "auto",
     ref_features=None,
     ref_labels=None,
+    process_group=None,
+    gather=False,
 ) -> torch.Tensor:
     """SCHaNe (Long et al. 2023): supervised contrast with hard negatives weighted by
     ``softmax(beta * s)``; ``beta = 0`` is the reference code's "easy" estimator.
@@ -108,6 +127,7 @@ def schane_loss(
     return contrastive_loss(
         features, labels, spec=spec, normalize=normalize, reduction=reduction,
         backend=backend, ref_features=ref_features, ref_labels=ref_labels,
+        process_group=process_group, gather=gather,
     )
 
 
@@ -123,6 +143,8 @@ def focal_supcon_loss(
     backend: str = "auto",
     ref_features=None,
     ref_labels=None,
+    process_group=None,
+    gather=False,
 ) -> torch.Tensor:
     """Focal supervised contrastive loss of Core-tuning (Zhang et al. 2021).
 
@@ -136,6 +158,7 @@ def focal_supcon_loss(
     return contrastive_loss(
         features, labels, spec=spec, normalize=normalize, reduction=reduction,
         backend=backend, ref_features=ref_features, ref_labels=ref_labels,
+        process_group=process_group, gather=gather,
     )
 
 
@@ -182,6 +205,8 @@ def clce_loss(
     backend: str = "auto",
     ref_features=None,
     ref_labels=None,
+    process_group=None,
+    gather=False,
 ) -> torch.Tensor:
     """CLCE (Long et al. 2024): ``alpha * SCHaNe + (1 - alpha) * CE``.
 
@@ -199,10 +224,13 @@ def clce_loss(
     contrastive = schane_loss(
         features, labels, temperature=temperature, beta=beta, normalize=normalize,
         backend=backend, ref_features=ref_features, ref_labels=ref_labels,
+        process_group=process_group, gather=gather,
     )
     y = torch.as_tensor(labels, device=logits.device).to(torch.int64)
     flat_logits = logits.reshape(-1, logits.shape[-1]).to(compute_dtype(logits.dtype))
     if logits.dim() == 3:
         y = y[:, None].expand(logits.shape[0], logits.shape[1]).reshape(-1)  # [B, V] row-major like logits
     ce = F.cross_entropy(flat_logits, y)
+    if gather is not False:
+        ce = rescale_local_mean(ce, flat_logits.shape[0], process_group)
     return a * contrastive + (1 - a) * ce.to(contrastive.dtype)

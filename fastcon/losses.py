@@ -20,16 +20,20 @@ from ._inputs import (
     check_positive,
     check_unit_interval,
 )
+from .distributed import check_gather
 
 __all__ = ["SupConLoss", "SCHaNeLoss", "CLCELoss", "FocalSupConLoss"]
 
 
 class _ContrastiveLoss(nn.Module):
-    def __init__(self, *, normalize: bool, reduction: str, backend: str):
+    def __init__(self, *, normalize: bool, reduction: str, backend: str, process_group=None, gather=False):
         super().__init__()
         self.normalize = bool(normalize)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.backend = check_choice("backend", backend, BACKENDS)
+        check_gather(gather, process_group)
+        self.process_group = process_group
+        self.gather = gather
 
 
 class SupConLoss(_ContrastiveLoss):
@@ -42,8 +46,10 @@ class SupConLoss(_ContrastiveLoss):
     """
 
     def __init__(self, temperature: float = 0.07, base_temperature: float = 0.07, contrast_mode: str = "all",
-                 normalize: bool = True, reduction: str = "mean", backend: str = "auto"):
-        super().__init__(normalize=normalize, reduction=reduction, backend=backend)
+                 normalize: bool = True, reduction: str = "mean", backend: str = "auto",
+                 process_group=None, gather=False):
+        super().__init__(normalize=normalize, reduction=reduction, backend=backend,
+                         process_group=process_group, gather=gather)
         self.temperature = check_positive("temperature", temperature)
         self.base_temperature = check_positive("base_temperature", base_temperature)
         self.contrast_mode = check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
@@ -53,6 +59,7 @@ class SupConLoss(_ContrastiveLoss):
             features, labels, temperature=self.temperature, base_temperature=self.base_temperature,
             contrast_mode=self.contrast_mode, normalize=self.normalize, reduction=self.reduction,
             backend=self.backend, ref_features=ref_features, ref_labels=ref_labels,
+            process_group=self.process_group, gather=self.gather,
         )
 
     def extra_repr(self) -> str:
@@ -64,8 +71,10 @@ class SCHaNeLoss(_ContrastiveLoss):
     """SCHaNe loss (hard-negative weighted supervised contrast); see :func:`fastcon.functional.schane_loss`."""
 
     def __init__(self, temperature: float = 0.07, beta: float = 1.0, normalize: bool = True,
-                 reduction: str = "mean", backend: str = "auto"):
-        super().__init__(normalize=normalize, reduction=reduction, backend=backend)
+                 reduction: str = "mean", backend: str = "auto",
+                 process_group=None, gather=False):
+        super().__init__(normalize=normalize, reduction=reduction, backend=backend,
+                         process_group=process_group, gather=gather)
         self.temperature = check_positive("temperature", temperature)
         self.beta = check_finite("beta", beta)
 
@@ -73,6 +82,7 @@ class SCHaNeLoss(_ContrastiveLoss):
         return FC.schane_loss(
             features, labels, temperature=self.temperature, beta=self.beta, normalize=self.normalize,
             reduction=self.reduction, backend=self.backend, ref_features=ref_features, ref_labels=ref_labels,
+            process_group=self.process_group, gather=self.gather,
         )
 
     def extra_repr(self) -> str:
@@ -84,8 +94,10 @@ class FocalSupConLoss(_ContrastiveLoss):
     """Core-tuning's focal supervised contrastive loss; see :func:`fastcon.functional.focal_supcon_loss`."""
 
     def __init__(self, temperature: float = 0.07, base_temperature: float = 0.07, gamma: float = 1.0,
-                 normalize: bool = True, reduction: str = "mean", backend: str = "auto"):
-        super().__init__(normalize=normalize, reduction=reduction, backend=backend)
+                 normalize: bool = True, reduction: str = "mean", backend: str = "auto",
+                 process_group=None, gather=False):
+        super().__init__(normalize=normalize, reduction=reduction, backend=backend,
+                         process_group=process_group, gather=gather)
         self.temperature = check_positive("temperature", temperature)
         self.base_temperature = check_positive("base_temperature", base_temperature)
         self.gamma = check_nonnegative("gamma", gamma)
@@ -95,6 +107,7 @@ class FocalSupConLoss(_ContrastiveLoss):
             features, labels, temperature=self.temperature, base_temperature=self.base_temperature,
             gamma=self.gamma, normalize=self.normalize, reduction=self.reduction, backend=self.backend,
             ref_features=ref_features, ref_labels=ref_labels,
+            process_group=self.process_group, gather=self.gather,
         )
 
     def extra_repr(self) -> str:
@@ -106,18 +119,22 @@ class CLCELoss(nn.Module):
     """CLCE: ``alpha * SCHaNe + (1 - alpha) * cross-entropy``; see :func:`fastcon.functional.clce_loss`."""
 
     def __init__(self, alpha: float = 0.5, temperature: float = 0.07, beta: float = 1.0, normalize: bool = True,
-                 backend: str = "auto"):
+                 backend: str = "auto", process_group=None, gather=False):
         super().__init__()
         self.alpha = check_unit_interval("alpha", alpha)
         self.temperature = check_positive("temperature", temperature)
         self.beta = check_finite("beta", beta)
         self.normalize = bool(normalize)
         self.backend = check_choice("backend", backend, BACKENDS)
+        check_gather(gather, process_group)
+        self.process_group = process_group
+        self.gather = gather
 
     def forward(self, features: torch.Tensor, logits: torch.Tensor, labels, *, ref_features=None, ref_labels=None):
         return FC.clce_loss(
             features, logits, labels, alpha=self.alpha, temperature=self.temperature, beta=self.beta,
             normalize=self.normalize, backend=self.backend, ref_features=ref_features, ref_labels=ref_labels,
+            process_group=self.process_group, gather=self.gather,
         )
 
     def extra_repr(self) -> str:

@@ -1,0 +1,306 @@
+"""Contrast across ranks (gloo, CPU): every rank's loss and gradients against one process
+on the concatenated batch, computed by the dense reference in float64.
+
+Each world size is one ``torch.multiprocessing.spawn``: the workers run every check in the
+same order (so their collectives stay matched), record each check's outcome instead of
+raising, and write them to a file; the tests below read one outcome each. Per-rank batch
+sizes are deliberately uneven.
+
+Under ``gather=True`` a rank returns ``world * L_r`` (its share of the global loss, scaled
+for DDP's averaging), so the checks are: the mean over ranks of the returned losses is the
+single-process loss, and each rank's input gradients are ``world`` times the
+single-process gradients of its rows (``reduction="none"``: unscaled).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import socket
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastcon
+import fastcon.functional as FC
+from tests.cases import TOLERANCES, loss_fn
+
+# samples per rank: uneven on purpose
+RANK_SIZES = {2: [5, 8], 3: [5, 3, 6]}
+# (gather, backend, block memory budget): the ring's row statistics are chunked by the
+# blockwise budget too, and a few hundred bytes force chunks of one or two anchors
+MODES = {
+    "gather-blockwise": (True, "blockwise", None),
+    "gather-reference": (True, "reference", None),
+    "ring": ("ring", "auto", None),
+    "ring-small-chunks": ("ring", "auto", 300),
+}
+
+
+@dataclass(frozen=True)
+class DistCase:
+    """One global problem split over the ranks. ``v`` None: ``[N, D]`` input."""
+
+    name: str
+    kind: str  # supcon / schane / focal / clce
+    v: Optional[int] = 2
+    d: int = 5
+    num_classes: Optional[int] = 3  # None: no labels (instance discrimination)
+    contrast_mode: str = "all"
+    n_ref: int = 0
+    ref_labelled: bool = True
+    reductions: tuple = ("mean", "sum", "none")
+
+
+DIST_CASES = [
+    DistCase("supcon_v2", "supcon"),
+    DistCase("supcon_v3_one", "supcon", v=3, contrast_mode="one"),
+    DistCase("supcon_instance", "supcon", num_classes=None),
+    DistCase("supcon_rows_singletons", "supcon", v=None, num_classes=9),  # anchors without a positive
+    DistCase("supcon_ref", "supcon", n_ref=7),
+    DistCase("supcon_instance_ref_unlabelled", "supcon", num_classes=None, n_ref=6, ref_labelled=False),  # MoCo
+    DistCase("schane_v2", "schane"),
+    DistCase("schane_rows_singletons", "schane", v=None, num_classes=6),
+    DistCase("focal_v2", "focal"),
+    DistCase("focal_v3", "focal", v=3, num_classes=4),
+    DistCase("clce_v2", "clce", reductions=("mean",)),
+    DistCase("clce_rows", "clce", v=None, num_classes=4, reductions=("mean",)),
+]
+
+CHECKS = [f"{c.name}-{r}-{m}" for c in DIST_CASES for r in c.reductions for m in MODES]
+CHECKS += [f"no_valid_anchor-{g}" for g in ("gather", "ring")]
+CHECKS += [f"ddp_step_{k}-{g}" for k in ("supcon", "clce") for g in ("gather", "ring")]
+CHECKS += ["memory_bank_push_gather"]
+WORLDS = [2, 3]
+
+
+def _global_inputs(case: DistCase, sizes, seed):
+    """The concatenated batch (rank 0's samples first): features, labels, ref rows, ref labels, logits."""
+    g = torch.Generator().manual_seed(seed)
+    b = sum(sizes)
+    shape = (b, case.d) if case.v is None else (b, case.v, case.d)
+    feats = torch.randn(shape, generator=g, dtype=torch.float64)
+    labels = None if case.num_classes is None else torch.randint(0, case.num_classes, (b,), generator=g)
+    ref = ref_labels = None
+    if case.n_ref:
+        ref = torch.randn(case.n_ref, case.d, generator=g, dtype=torch.float64)
+        if case.ref_labelled:
+            ref_labels = torch.randint(0, case.num_classes + 2, (case.n_ref,), generator=g)
+    logits = None
+    if case.kind == "clce":
+        logits = torch.randn(shape[:-1] + (case.num_classes,), generator=g, dtype=torch.float64)
+    return feats, labels, ref, ref_labels, logits
+
+
+def _anchor_index(case: DistCase, sizes, rank):
+    """Global anchor indices (in the single-process ``"none"`` output) of ``rank``'s anchors."""
+    b, start, n = sum(sizes), sum(sizes[:rank]), sizes[rank]
+    views = 1 if (case.v is None or case.contrast_mode == "one") else case.v
+    return torch.tensor([v * b + start + i for v in range(views) for i in range(n)])
+
+
+def _loss(case: DistCase, feats, labels, ref, ref_labels, logits, *, reduction, backend, **dist_kwargs):
+    if case.kind == "clce":
+        return FC.clce_loss(feats, logits, labels, alpha=0.3, temperature=0.2, beta=0.7, backend=backend,
+                            ref_features=ref, ref_labels=ref_labels, **dist_kwargs)
+    fn, kwargs = loss_fn(case.kind)
+    if case.contrast_mode != "all":
+        kwargs["contrast_mode"] = case.contrast_mode
+    return fn(feats, labels, reduction=reduction, backend=backend, ref_features=ref, ref_labels=ref_labels,
+              **kwargs, **dist_kwargs)
+
+
+def _close(got, want, what, kind="grad"):
+    rtol, atol = TOLERANCES[torch.float64][kind]
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def _check_case(case: DistCase, reduction: str, mode: str, rank: int, world: int, seed: int):
+    gather, backend, budget = MODES[mode]
+    if budget is not None:
+        with fastcon.block_memory(budget):
+            return _check_case(case, reduction, mode.split("-")[0], rank, world, seed)
+    sizes = RANK_SIZES[world]
+    feats, labels, ref, ref_labels, logits = _global_inputs(case, sizes, seed)
+    start, end = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    upstream = torch.rand(feats.shape[0] * (case.v or 1), generator=torch.Generator().manual_seed(seed + 1),
+                          dtype=torch.float64)
+
+    # one process on the concatenated batch, by the dense reference
+    x = feats.clone().requires_grad_(True)
+    r = None if ref is None else ref.clone().requires_grad_(True)
+    lg = None if logits is None else logits.clone().requires_grad_(True)
+    want = _loss(case, x, labels, r, ref_labels, lg, reduction=reduction, backend="reference")
+    if reduction == "none":
+        (want * upstream[: want.numel()]).sum().backward()
+    else:
+        want.backward()
+
+    # this rank's share
+    x_r = feats[start:end].clone().requires_grad_(True)
+    r_r = None if ref is None else ref.clone().requires_grad_(True)  # every rank passes the same bank
+    lg_r = None if logits is None else logits[start:end].clone().requires_grad_(True)
+    y_r = None if labels is None else labels[start:end]
+    got = _loss(case, x_r, y_r, r_r, ref_labels, lg_r, reduction=reduction, backend=backend, gather=gather)
+    if reduction == "none":
+        index = _anchor_index(case, sizes, rank)
+        (got * upstream[index]).sum().backward()
+        _close(got.detach(), want.detach()[index], "per-anchor losses", "loss")
+        scale = 1.0
+    else:
+        mean_over_ranks = fastcon.distributed.all_reduce_sum(got) / world
+        got.backward()
+        _close(mean_over_ranks, want.detach(), "loss averaged over ranks", "loss")
+        scale = float(world)
+    _close(x_r.grad, scale * x.grad[start:end], "features grad")
+    if lg_r is not None:
+        _close(lg_r.grad, scale * lg.grad[start:end], "logits grad")
+    if r_r is not None:
+        _close(fastcon.distributed.all_reduce_sum(r_r.grad), scale * r.grad, "ref_features grad summed over ranks")
+
+
+def _check_no_valid_anchor(gather, rank, world):
+    # one row per rank, every label distinct: no anchor has a positive anywhere
+    x = torch.randn(1, 4, dtype=torch.float64, requires_grad=True)
+    loss = FC.supcon_loss(x, torch.tensor([rank]), gather=gather)
+    loss.backward()
+    assert loss.item() == 0.0, f"loss {loss.item()}"
+    assert torch.equal(x.grad, torch.zeros_like(x)), x.grad
+
+
+def _ddp_step(kind: str, gather, rank: int, world: int, seed: int):
+    """One SGD step of a tiny model under DDP equals one step of a single process on the whole batch."""
+    sizes = RANK_SIZES[world]
+    b, start, end = sum(sizes), sum(sizes[:rank]), sum(sizes[: rank + 1])
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(b, 2, 6, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (b,), generator=g)
+
+    def make_model():
+        torch.manual_seed(seed)
+        return torch.nn.Linear(6, 7, dtype=torch.float64)  # 4 feature columns + 3 class logits
+
+    def loss_of(model, x, y, **dist_kwargs):
+        out = model(x)
+        if kind == "clce":
+            return FC.clce_loss(out[..., :4], out[..., 4:], y, alpha=0.4, temperature=0.3, **dist_kwargs)
+        return FC.supcon_loss(out[..., :4], y, temperature=0.3, **dist_kwargs)
+
+    single = make_model()
+    opt = torch.optim.SGD(single.parameters(), lr=0.5)
+    loss_of(single, inputs, labels, backend="reference").backward()
+    opt.step()
+
+    ddp = torch.nn.parallel.DistributedDataParallel(make_model())
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
+    loss_of(ddp, inputs[start:end], labels[start:end], gather=gather).backward()
+    opt.step()
+    for (name, p_single), p_ddp in zip(single.named_parameters(), ddp.module.parameters()):
+        _close(p_ddp.detach(), p_single.detach(), f"parameter {name} after one step")
+
+
+def _check_memory_bank_gather(rank, world):
+    sizes = RANK_SIZES[world]
+    rows = torch.arange(sum(sizes) * 3, dtype=torch.float32).reshape(-1, 3)
+    labels = torch.arange(sum(sizes))
+    start, end = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    bank = fastcon.MemoryBank(capacity=100, dim=3)
+    bank.push(rows[start:end], labels[start:end], gather=True)
+    assert torch.equal(bank.features, rows), "bank rows are not every rank's rows in rank order"
+    assert torch.equal(bank.labels, labels)
+
+
+def _worker(rank, world, port, out_dir):
+    faulthandler.enable()  # a crash inside a collective prints where it happened
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    outcome = {}
+
+    def run(name, fn, *args):
+        try:
+            fn(*args)
+            outcome[name] = "ok"
+        except Exception:  # noqa: BLE001 - recorded, reported by the test of this check
+            outcome[name] = traceback.format_exc()
+
+    try:
+        for i, case in enumerate(DIST_CASES):
+            for reduction in case.reductions:
+                for mode in MODES:
+                    run(f"{case.name}-{reduction}-{mode}", _check_case, case, reduction, mode, rank, world, 100 + i)
+        for name, gather in (("gather", True), ("ring", "ring")):
+            run(f"no_valid_anchor-{name}", _check_no_valid_anchor, gather, rank, world)
+            run(f"ddp_step_supcon-{name}", _ddp_step, "supcon", gather, rank, world, 7)
+            run(f"ddp_step_clce-{name}", _ddp_step, "clce", gather, rank, world, 8)
+        run("memory_bank_push_gather", _check_memory_bank_gather, rank, world)
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(outcome, f)
+        dist.barrier()  # no rank tears its connections down while another still uses them
+        dist.destroy_process_group()
+    # Skip the interpreter's teardown: gloo's threads occasionally abort ("terminate called
+    # without an active exception") while C++ destructors run at exit, after every check has
+    # finished and been written (seen with torch 2.14 on CPU).
+    os._exit(0)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_OUTCOMES = {}
+
+
+def _outcomes(world, tmp_path_factory):
+    """Run every check once per world size; ``{check: [failure messages of the ranks]}``."""
+    if world not in _OUTCOMES:
+        out_dir = str(tmp_path_factory.mktemp(f"world{world}"))
+        mp.spawn(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=True)
+        merged = {}
+        for rank in range(world):
+            with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+                for name, result in json.load(f).items():
+                    merged.setdefault(name, [])
+                    if result != "ok":
+                        merged[name].append(f"rank {rank}:\n{result}")
+        _OUTCOMES[world] = merged
+    return _OUTCOMES[world]
+
+
+@pytest.mark.parametrize("check", CHECKS)
+@pytest.mark.parametrize("world", WORLDS)
+def test_matches_single_process(world, check, tmp_path_factory):
+    outcome = _outcomes(world, tmp_path_factory)
+    assert check in outcome, f"check {check} did not run"
+    failures = outcome[check]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("gather", [True, "ring"])
+def test_without_process_group_gather_is_single_process(gather):
+    # no torch.distributed initialised: a world of one, identical to gather=False
+    x = torch.randn(6, 2, 5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 0, 2, 1, 2])
+    got = FC.supcon_loss(x, y, gather=gather)
+    torch.testing.assert_close(got, FC.supcon_loss(x, y), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_bad_gather_is_refused(bad):
+    with pytest.raises(ValueError, match="gather must be"):
+        FC.supcon_loss(torch.randn(4, 2, 3), torch.tensor([0, 1, 0, 1]), gather=bad)
+
+
+def test_process_group_without_gather_is_refused():
+    with pytest.raises(ValueError, match="gather=True"):
+        fastcon.SupConLoss(process_group=object())
