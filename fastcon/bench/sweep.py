@@ -52,6 +52,9 @@ class SweepConfig:
     # listed in fast_max_n_for, which show how far beyond the dense codes fastcon goes
     fast_max_n: Optional[int] = 16384
     fast_max_n_for: Tuple[Tuple[str, int, int], ...] = (("supcon", 128, 32768),)
+    # largest N of a loss for every provider: CLCE costs SCHaNe's sweep plus a cross-entropy
+    # over [N, C] logits, so its large points would repeat SCHaNe's at minutes each
+    loss_max_n: Tuple[Tuple[str, int], ...] = (("clce", 4096),)
 
     def dims_for(self, loss: str) -> Tuple[int, ...]:
         if self.wide_dim_losses is None or loss in self.wide_dim_losses:
@@ -59,17 +62,20 @@ class SweepConfig:
         return self.dims[:1]
 
     def sizes_for(self, loss: str, d: int, provider) -> Tuple[int, ...]:
-        if not provider.is_fastcon:
-            return self.sizes  # the dense codes stop where they run out of memory
-        limit = self.fast_max_n
-        for rule_loss, rule_d, rule_n in self.fast_max_n_for:
-            if (rule_loss, rule_d) == (loss, d):
-                limit = rule_n
+        limit = None  # the dense codes stop where they run out of memory
+        if provider.is_fastcon:
+            limit = self.fast_max_n
+            for rule_loss, rule_d, rule_n in self.fast_max_n_for:
+                if (rule_loss, rule_d) == (loss, d):
+                    limit = rule_n
+        for rule_loss, rule_n in self.loss_max_n:
+            if rule_loss == loss:
+                limit = rule_n if limit is None else min(limit, rule_n)
         return tuple(n for n in self.sizes if limit is None or n <= limit)
 
 
 FULL = SweepConfig()
-QUICK = SweepConfig(dims=(128,), sizes=(256, 512, 1024), min_reps=2, max_reps=5, min_time=0.2)
+QUICK = SweepConfig(dims=(128,), sizes=(256, 512, 1024), min_reps=2, max_reps=5, min_time=0.2, loss_max_n=())
 
 
 def default_config(device: str, quick: bool) -> SweepConfig:
@@ -208,9 +214,12 @@ def plan(config: SweepConfig, providers) -> List[Tuple[str, object, int, str]]:
     return series
 
 
-# Seconds per N^2 of one training step (a + b * D) and of one forward pass, measured on the
-# 2-core CPU the committed results come from; used only to print how long a sweep will take.
+# Seconds per N^2 of one SupCon training step (a + b * D), the cost of the other losses
+# relative to it, and the forward pass's share, measured on the 2-core CPU the committed
+# results come from; used only to print how long a sweep will take.
 _STEP_COST = {"dense": (3.7e-8, 5.8e-11), "fast": (5.4e-9, 2.9e-11)}
+_LOSS_COST = {"dense": {"supcon": 1.0, "schane": 2.6, "focal": 2.0, "clce": 2.6},
+              "fast": {"supcon": 1.0, "schane": 3.7, "focal": 4.0, "clce": 3.7}}
 _FORWARD_SHARE = {"dense": 0.5, "fast": 0.35}
 _DENSE_BYTES_PER_PAIR = 36.0  # measured peak of the dense codes per N^2 entry, training
 _PROCESS_SECONDS = 2.5
@@ -225,7 +234,7 @@ def expected_seconds(config: SweepConfig, series, floor_mib: float = 500.0) -> f
             if kind == "dense" and floor_mib + _DENSE_BYTES_PER_PAIR * n * n / 2**20 > config.budget_mib:
                 break
             a, b = _STEP_COST[kind]
-            step = n * n * (a + b * d)
+            step = n * n * (a + b * d) * _LOSS_COST[kind].get(loss, 1.0)
             forward = _FORWARD_SHARE[kind] * step
             # one untimed run and at least min_reps timed ones per mode
             total += _PROCESS_SECONDS + step + forward
