@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -144,7 +145,10 @@ def run_point(task: dict, budget_mib: Optional[float], timeout: float = 3600.0) 
     env = dict(os.environ)
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # files, not pipes: the loop below does not read while it watches, and a full pipe
+    # would stall the point
+    out_file, err_file = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, stdout=out_file, stderr=err_file, text=True, env=env)
     result = PointResult()
     watch = budget_mib is not None and os.path.exists(f"/proc/{proc.pid}/statm")
     while proc.poll() is None:
@@ -157,7 +161,12 @@ def run_point(task: dict, budget_mib: Optional[float], timeout: float = 3600.0) 
             result.error = f"timed out after {timeout:.0f} s"
             break
         time.sleep(0.05)
-    out, err = proc.communicate()
+    proc.wait()
+    out_file.seek(0)
+    err_file.seek(0)
+    out, err = out_file.read(), err_file.read()
+    out_file.close()
+    err_file.close()
     result.seconds = time.perf_counter() - start
     for line in out.splitlines():
         line = line.strip()
