@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from typing import Dict, List
 
 from .sweep import MEMORY, MODES, OOM, OOM_PREDICTED, TIME, read_csv
 
@@ -17,7 +16,7 @@ def _value(row) -> float:
         return math.nan
 
 
-def _series(rows, **match) -> Dict[str, List[tuple]]:
+def _series(rows, **match) -> dict[str, list[tuple]]:
     """provider -> sorted [(N, median, p20, p80)] of the rows matching ``match``."""
     out = defaultdict(list)
     for row in rows:
@@ -26,7 +25,7 @@ def _series(rows, **match) -> Dict[str, List[tuple]]:
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
-def _out_of_memory(rows, **match) -> Dict[str, int]:
+def _out_of_memory(rows, **match) -> dict[str, int]:
     """provider -> the N at which it ran (or was predicted to run) out of memory."""
     out = {}
     for row in rows:
@@ -53,7 +52,7 @@ def _draw(ax, series, oom, ylabel, title):
     ax.grid(True, which="both", alpha=0.3)
 
 
-def write_plots(csv_path: str, out_dir: str) -> List[str]:
+def write_plots(csv_path: str, out_dir: str) -> list[str]:
     """One PNG of time (a panel per D and mode) and one of peak memory per (loss, dtype)."""
     import matplotlib
 

@@ -145,7 +145,7 @@ def measure(task: dict, emit) -> None:
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib()
         emit({"mode": "backward", "times_ms": [1e3 * s[1] for s in samples]})
         emit({"mode": "forward+backward", "times_ms": [1e3 * (s[0] + s[1]) for s in samples], "peak_mib": peak})
-    except Exception as exc:  # noqa: BLE001 - reported to the sweep, which records it
+    except Exception as exc:
         if not _is_out_of_memory(exc):
             raise
         emit({"mode": mode, "oom": True, "error": f"{type(exc).__name__}: {exc}"[:300]})
@@ -180,11 +180,11 @@ def main(argv) -> int:
         print(json.dumps(record), flush=True)
 
     if task.get("idle"):
-        import torch  # noqa: F401
+        import torch
 
-        import fastcon  # noqa: F401
+        import fastcon
 
-        emit({"idle_peak_mib": peak_rss_mib()})
+        emit({"idle_peak_mib": peak_rss_mib(), "torch": torch.__version__, "fastcon": fastcon.__version__})
         return 0
     measure(task, emit)
     return 0

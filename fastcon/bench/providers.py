@@ -9,8 +9,9 @@ projection output before the loss, so its provider does that first.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
-from typing import Callable, Tuple
+from typing import Callable
 
 import torch
 
@@ -23,7 +24,7 @@ FASTCON_BACKENDS = ("native", "triton", "blockwise")
 @dataclass(frozen=True)
 class Provider:
     name: str
-    losses: Tuple[str, ...]
+    losses: tuple[str, ...]
     build: Callable[[str], Callable]  # loss name -> loss_fn
     is_fastcon: bool = False  # a fast fastcon backend (not the dense reference)
 
@@ -70,7 +71,7 @@ def _pml_builder(loss: str):
     return loss_fn
 
 
-def _backend_usable(backend: str, device: torch.device) -> Tuple[bool, str]:
+def _backend_usable(backend: str, device: torch.device) -> tuple[bool, str]:
     # native is a CPU engine, triton a GPU one (on CPU it only runs in the slow interpreter)
     if backend == "triton" and device.type != "cuda":
         return False, "triton runs on CUDA devices only"
@@ -97,9 +98,7 @@ def available_providers(device: torch.device):
             skipped.append((f"fastcon-{backend}", why))
     providers.append(Provider("reference", LOSSES, _fastcon_builder("reference")))
     providers.append(Provider("supcontrast", ("supcon",), _supcontrast_builder))
-    try:
-        import pytorch_metric_learning  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("pytorch_metric_learning") is None:
         skipped.append(("pytorch-metric-learning",
                         "not installed (pip install pytorch-metric-learning, or fastcon[bench])"))
     else:

@@ -23,8 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
 
 CSV_COLUMNS = ("loss", "provider", "mode", "metric", "unit", "N", "D", "dtype", "median", "p20", "p80",
                "device name", "fastcon version", "timestamp")
@@ -36,14 +36,14 @@ TIME, MEMORY, OOM_PREDICTED, OOM = "time", "peak_memory", "oom_predicted", "oom"
 
 @dataclass(frozen=True)
 class SweepConfig:
-    losses: Tuple[str, ...] = ("supcon", "schane", "focal", "clce")
-    providers: Optional[Tuple[str, ...]] = None  # None: every provider available on the device
-    dims: Tuple[int, ...] = (128, 768)
+    losses: tuple[str, ...] = ("supcon", "schane", "focal", "clce")
+    providers: tuple[str, ...] | None = None  # None: every provider available on the device
+    dims: tuple[int, ...] = (128, 768)
     # D after the first is swept for these losses only (None: all): SupCon, where fastcon
     # meets the published codes; the other losses compare fastcon with its own reference
-    wide_dim_losses: Optional[Tuple[str, ...]] = ("supcon",)
-    sizes: Tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
-    dtypes: Tuple[str, ...] = ("float32",)
+    wide_dim_losses: tuple[str, ...] | None = ("supcon",)
+    sizes: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+    dtypes: tuple[str, ...] = ("float32",)
     min_reps: int = 3
     max_reps: int = 15
     min_time: float = 1.0  # seconds of repeats per mode, once min_reps are done
@@ -51,18 +51,18 @@ class SweepConfig:
     # fastcon's memory grows linearly, so its series would go on past the dense ones at
     # a minute and more per point: they stop at fast_max_n, except for the (loss, D) pairs
     # listed in fast_max_n_for, which show how far beyond the dense codes fastcon goes
-    fast_max_n: Optional[int] = 16384
-    fast_max_n_for: Tuple[Tuple[str, int, int], ...] = (("supcon", 128, 32768),)
+    fast_max_n: int | None = 16384
+    fast_max_n_for: tuple[tuple[str, int, int], ...] = (("supcon", 128, 32768),)
     # largest N of a loss for every provider: CLCE costs SCHaNe's sweep plus a cross-entropy
     # over [N, C] logits, so its large points would repeat SCHaNe's at minutes each
-    loss_max_n: Tuple[Tuple[str, int], ...] = (("clce", 4096),)
+    loss_max_n: tuple[tuple[str, int], ...] = (("clce", 4096),)
 
-    def dims_for(self, loss: str) -> Tuple[int, ...]:
+    def dims_for(self, loss: str) -> tuple[int, ...]:
         if self.wide_dim_losses is None or loss in self.wide_dim_losses:
             return self.dims
         return self.dims[:1]
 
-    def sizes_for(self, loss: str, d: int, provider) -> Tuple[int, ...]:
+    def sizes_for(self, loss: str, d: int, provider) -> tuple[int, ...]:
         limit = None  # the dense codes stop where they run out of memory
         if provider.is_fastcon:
             limit = self.fast_max_n
@@ -102,7 +102,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def predict_peak(history: Sequence[Tuple[int, float]], n: int, floor_mib: float) -> Optional[float]:
+def predict_peak(history: Sequence[tuple[int, float]], n: int, floor_mib: float) -> float | None:
     """Predicted peak (MiB) at ``n`` from the series' measured ``(N, peak)`` points.
 
     The memory above the idle floor grows like ``N^p``; ``p`` is the log-log slope of the last
@@ -124,7 +124,7 @@ def predict_peak(history: Sequence[Tuple[int, float]], n: int, floor_mib: float)
 
 @dataclass
 class PointResult:
-    records: List[dict] = field(default_factory=list)  # the JSON lines of the point process
+    records: list[dict] = field(default_factory=list)  # the JSON lines of the point process
     killed_for_memory: bool = False
     error: str = ""
     seconds: float = 0.0
@@ -138,7 +138,7 @@ def _rss_mib(pid: int) -> float:
         return 0.0
 
 
-def run_point(task: dict, budget_mib: Optional[float], timeout: float = 3600.0) -> PointResult:
+def run_point(task: dict, budget_mib: float | None, timeout: float = 3600.0) -> PointResult:
     """Run one point in a fresh process; on CPU stop it when its resident memory exceeds the budget."""
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "fastcon.bench.point", json.dumps(task)]
@@ -208,7 +208,7 @@ class CsvWriter:
         self.file.close()
 
 
-def plan(config: SweepConfig, providers) -> List[Tuple[str, object, int, str]]:
+def plan(config: SweepConfig, providers) -> list[tuple[str, object, int, str]]:
     """The series to run: ``(loss, provider, D, dtype)``."""
     series = []
     for loss in config.losses:
@@ -279,7 +279,7 @@ def run_sweep(config: SweepConfig, device: str, out_dir: str, log=print) -> str:
     started = time.perf_counter()
     try:
         for index, (loss, provider, d, dtype) in enumerate(series):
-            history: List[Tuple[int, float]] = []
+            history: list[tuple[int, float]] = []
             for n in config.sizes_for(loss, d, provider):
                 label = f"[{index + 1}/{len(series)}] {loss} {provider.name} D={d} {dtype} N={n}"
                 predicted = predict_peak(history, n, floor) if cpu else None
@@ -306,7 +306,7 @@ def run_sweep(config: SweepConfig, device: str, out_dir: str, log=print) -> str:
     return path
 
 
-def _write_point(writer: CsvWriter, result: PointResult, loss, provider, n, d, dtype) -> Optional[float]:
+def _write_point(writer: CsvWriter, result: PointResult, loss, provider, n, d, dtype) -> float | None:
     """Write a point's rows; return its training peak (MiB), or None when it ran out of memory."""
     peak = None
     done = set()
@@ -334,6 +334,6 @@ def _write_point(writer: CsvWriter, result: PointResult, loss, provider, n, d, d
     return peak
 
 
-def read_csv(path: str) -> List[Dict[str, str]]:
+def read_csv(path: str) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))

@@ -7,7 +7,7 @@ how much faster a training step is. Both tables are computed from the CSV only.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 from .sweep import MEMORY, OOM, OOM_PREDICTED, TIME, read_csv
 
@@ -21,11 +21,11 @@ def _num(text: str) -> float:
         return math.nan
 
 
-def _pick(rows, **match) -> List[dict]:
+def _pick(rows, **match) -> list[dict]:
     return [r for r in rows if all(r[k] == str(v) for k, v in match.items())]
 
 
-def _providers(rows, loss) -> List[str]:
+def _providers(rows, loss) -> list[str]:
     names = sorted({r["provider"] for r in rows if r["loss"] == loss})
     # fastcon's backends first, then the dense ones
     return sorted(names, key=lambda p: (not p.startswith("fastcon-"), p))
@@ -78,7 +78,7 @@ def speed_table(rows, loss: str = "supcon", sizes: Sequence[int] = (4096, 16384)
         header += [f"N={n}: time / {f}" for f in fast]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
 
-    def median(provider, n) -> Optional[float]:
+    def median(provider, n) -> float | None:
         hit = _pick(rows, loss=loss, provider=provider, N=n, D=d, dtype=dtype, mode=mode, metric=TIME)
         return _num(hit[0]["median"]) if hit else None
 
@@ -96,12 +96,12 @@ def speed_table(rows, loss: str = "supcon", sizes: Sequence[int] = (4096, 16384)
     return "\n".join(lines)
 
 
-def idle_floor(rows) -> Optional[float]:
+def idle_floor(rows) -> float | None:
     hit = [r for r in rows if r["provider"] == "idle"]
     return _num(hit[0]["median"]) if hit else None
 
 
-def _sizes_present(rows, sizes: Sequence[int], d: int) -> List[int]:
+def _sizes_present(rows, sizes: Sequence[int], d: int) -> list[int]:
     """``sizes`` that SupCon was timed at; else the largest N every SupCon provider was timed at
     (a quick sweep stops below the README's N)."""
     timed = _pick(rows, loss="supcon", D=d, dtype="float32", mode=TRAINING, metric=TIME)
@@ -121,9 +121,9 @@ def readme_tables(csv_path: str, sizes: Sequence[int] = (4096, 16384), d: int = 
         raise ValueError(f"{csv_path} has no rows")
     device = rows[-1]["device name"]
     sizes = _sizes_present(rows, sizes, d)
-    parts = [f"Measured on {device}, fastcon {rows[-1]['fastcon version']} "
-             f"({min(r['timestamp'] for r in rows)[:10]}); regenerate with `fastcon bench` "
-             f"and `fastcon bench-table {csv_path}`."]
+    parts = [(f"Measured on {device}, fastcon {rows[-1]['fastcon version']} "
+              f"({min(r['timestamp'] for r in rows)[:10]}); regenerate with `fastcon bench` "
+              f"and `fastcon bench-table {csv_path}`.")]
     floor = idle_floor(rows)
     budget_note = ""
     if floor is not None:
@@ -144,7 +144,7 @@ def readme_tables(csv_path: str, sizes: Sequence[int] = (4096, 16384), d: int = 
 
 
 def ratio(rows, loss: str, slow: str, fast: str, n: int, d: int = 128, dtype: str = "float32",
-          mode: str = TRAINING) -> Optional[float]:
+          mode: str = TRAINING) -> float | None:
     """``time(slow) / time(fast)`` at one point, or None when either is missing."""
     a = _pick(rows, loss=loss, provider=slow, N=n, D=d, dtype=dtype, mode=mode, metric=TIME)
     b = _pick(rows, loss=loss, provider=fast, N=n, D=d, dtype=dtype, mode=mode, metric=TIME)
