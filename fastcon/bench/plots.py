@@ -1,0 +1,99 @@
+"""PNG plots of a benchmark CSV: time and peak memory against N, log-log, one line per provider."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+
+from .sweep import MEMORY, MODES, OOM, OOM_PREDICTED, TIME, read_csv
+
+
+def _value(row) -> float:
+    try:
+        return float(row["median"])
+    except ValueError:
+        return math.nan
+
+
+def _series(rows, **match) -> dict[str, list[tuple]]:
+    """provider -> sorted [(N, median, p20, p80)] of the rows matching ``match``."""
+    out = defaultdict(list)
+    for row in rows:
+        if all(row[k] == str(v) for k, v in match.items()):
+            out[row["provider"]].append((int(row["N"]), _value(row), float(row["p20"]), float(row["p80"])))
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def _out_of_memory(rows, **match) -> dict[str, int]:
+    """provider -> the N at which it ran (or was predicted to run) out of memory."""
+    out = {}
+    for row in rows:
+        if row["metric"] in (OOM, OOM_PREDICTED) and all(row[k] == str(v) for k, v in match.items()
+                                                          if k != "mode"):
+            out[row["provider"]] = min(int(row["N"]), out.get(row["provider"], 1 << 62))
+    return out
+
+
+def _draw(ax, series, oom, ylabel, title):
+    for provider, points in series.items():
+        ns = [p[0] for p in points]
+        med = [p[1] for p in points]
+        line, = ax.plot(ns, med, marker="o", label=provider)
+        ax.fill_between(ns, [p[2] for p in points], [p[3] for p in points], color=line.get_color(), alpha=0.2)
+        if provider in oom and points:
+            ax.plot([oom[provider]], [points[-1][1]], marker="x", markersize=10, color=line.get_color(),
+                    linestyle="none")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("N (rows = anchors)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def write_plots(csv_path: str, out_dir: str) -> list[str]:
+    """One PNG of time (a panel per D and mode) and one of peak memory per (loss, dtype)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_csv(csv_path)
+    idle = [float(r["median"]) for r in rows if r["provider"] == "idle"]
+    rows = [r for r in rows if r["provider"] != "idle"]
+    device = rows[0]["device name"] if rows else ""
+    paths = []
+    groups = sorted({(r["loss"], r["dtype"]) for r in rows})
+    for loss, dtype in groups:
+        dims = sorted({int(r["D"]) for r in rows if r["loss"] == loss and r["dtype"] == dtype})
+        fig, axes = plt.subplots(len(dims), len(MODES), figsize=(5 * len(MODES), 4 * len(dims)), squeeze=False)
+        for i, d in enumerate(dims):
+            oom = _out_of_memory(rows, loss=loss, dtype=dtype, D=d)
+            for j, mode in enumerate(MODES):
+                series = _series(rows, loss=loss, dtype=dtype, D=d, mode=mode, metric=TIME)
+                _draw(axes[i][j], series, oom, "time (ms), median and p20-p80", f"{loss} {mode}, D={d}, {dtype}")
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"{loss}: time per call (x: out of memory at that N)\n{device}", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"time_{loss}_{dtype}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+
+        fig, axes = plt.subplots(1, len(dims), figsize=(5 * len(dims), 4), squeeze=False)
+        for i, d in enumerate(dims):
+            oom = _out_of_memory(rows, loss=loss, dtype=dtype, D=d)
+            series = _series(rows, loss=loss, dtype=dtype, D=d, mode="forward+backward", metric=MEMORY)
+            _draw(axes[0][i], series, oom, "peak memory (MiB)", f"{loss} forward+backward, D={d}, {dtype}")
+            if idle:
+                axes[0][i].axhline(idle[0], color="gray", linestyle="--", linewidth=1,
+                                   label="idle process (torch imported)")
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"{loss}: peak memory (x: out of memory at that N)\n{device}", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"memory_{loss}_{dtype}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
