@@ -1,8 +1,8 @@
 """fastcon: supervised contrastive losses computed blockwise, without an N x N matrix."""
 
 from . import functional
-from .blockwise import block_memory, get_block_memory, set_block_memory
-from .losses import CLCELoss, FocalSupConLoss, SCHaNeLoss, SupConLoss
+from .backends.blockwise import block_memory, get_block_memory, set_block_memory
+from .modules import CLCELoss, FocalSupConLoss, SCHaNeLoss, SupConLoss
 from .memory_bank import MemoryBank
 
 __version__ = "0.1.0"

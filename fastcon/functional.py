@@ -3,8 +3,9 @@
 Every loss takes ``features`` ``[B, V, D]`` (V views of B samples, flattened
 view-major) or ``[N, D]`` (one view per row, labels required), optional integer
 ``labels``, and keyword ``ref_features`` / ``ref_labels``: extra contrast-only rows
-(a memory bank, a queue). The math is SPEC.md's. ``backend`` is ``"auto"``,
-``"reference"`` (dense), ``"blockwise"``, ``"triton"`` or ``"native"``.
+(a memory bank, a queue). The math is docs/semantics.md's. ``backend`` is ``"auto"``,
+``"reference"`` (dense), ``"blockwise"``, ``"triton"`` or ``"native"`` (see
+:mod:`fastcon.backends`).
 
 With ``gather=True`` under an initialised ``torch.distributed`` process group (``process_group``,
 default the world) each rank's anchors contrast against the rows of every rank, and the
@@ -19,21 +20,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import reference
-from ._function import apply_engine, get_engine, resolve_backend
-from ._inputs import (
-    BACKENDS,
+from . import backends
+from .backends.function import batch_loss
+from .distributed import check_gather, distributed_loss, rescale_local_sum
+from .inputs import (
     REDUCTIONS,
+    check_batch,
     check_choice,
     check_finite,
     check_nonnegative,
     check_positive,
     check_unit_interval,
-    compute_dtype,
-    prepare,
 )
-from .distributed import check_gather, distributed_contrastive_loss, rescale_local_mean
-from .spec import LossSpec
+from .losses import FocalSupCon, LossDefinition, SCHaNe, SupCon
 
 __all__ = ["supcon_loss", "schane_loss", "clce_loss", "focal_supcon_loss", "contrastive_loss"]
 
@@ -42,7 +41,7 @@ def contrastive_loss(
     features: torch.Tensor,
     labels=None,
     *,
-    spec: LossSpec,
+    definition: LossDefinition,
     contrast_mode: str = "all",
     normalize: bool = True,
     reduction: str = "mean",
@@ -52,24 +51,19 @@ def contrastive_loss(
     process_group=None,
     gather=False,
 ) -> torch.Tensor:
-    """Any loss of SPEC.md given as a :class:`~fastcon.spec.LossSpec`; the public losses call this."""
+    """Any loss of :mod:`fastcon.losses` given as its definition; the public losses call this."""
     check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("backend", backend, BACKENDS)
+    check_choice("backend", backend, backends.NAMES)
     check_gather(gather, process_group)
     if gather is not False:
-        return distributed_contrastive_loss(
-            features, labels, spec=spec, contrast_mode=contrast_mode, normalize=normalize,
+        return distributed_loss(
+            features, labels, definition=definition, contrast_mode=contrast_mode, normalize=normalize,
             reduction=reduction, backend=backend, ref_features=ref_features, ref_labels=ref_labels,
             process_group=process_group, gather=gather,
         )
-    problem = prepare(
-        features, labels, contrast_mode=contrast_mode, normalize=normalize,
-        ref_features=ref_features, ref_labels=ref_labels,
-    )
-    name = resolve_backend(backend, problem.z.device)
-    if name == "reference":
-        return reference.contrastive_loss(problem, spec, reduction)
-    return apply_engine(problem, spec, reduction, get_engine(name, problem.z.device, problem.input_dtype))
+    batch = check_batch(features, labels, contrast_mode=contrast_mode, ref_features=ref_features,
+                        ref_labels=ref_labels)
+    return batch_loss(batch, definition, bool(normalize), reduction, backend)[0]
 
 
 def supcon_loss(
@@ -94,9 +88,8 @@ def supcon_loss(
     """
     t = check_positive("temperature", temperature)
     tb = check_positive("base_temperature", base_temperature)
-    spec = LossSpec("supcon", temperature=t, scale=t / tb)
     return contrastive_loss(
-        features, labels, spec=spec, contrast_mode=contrast_mode, normalize=normalize,
+        features, labels, definition=SupCon(t, tb), contrast_mode=contrast_mode, normalize=normalize,
         reduction=reduction, backend=backend, ref_features=ref_features, ref_labels=ref_labels,
         process_group=process_group, gather=gather,
     )
@@ -123,9 +116,8 @@ def schane_loss(
     """
     t = check_positive("temperature", temperature)
     b = check_finite("beta", beta)
-    spec = LossSpec("schane", temperature=t, beta=b)
     return contrastive_loss(
-        features, labels, spec=spec, normalize=normalize, reduction=reduction,
+        features, labels, definition=SCHaNe(t, b), normalize=normalize, reduction=reduction,
         backend=backend, ref_features=ref_features, ref_labels=ref_labels,
         process_group=process_group, gather=gather,
     )
@@ -154,9 +146,8 @@ def focal_supcon_loss(
     t = check_positive("temperature", temperature)
     tb = check_positive("base_temperature", base_temperature)
     g = check_nonnegative("gamma", gamma)
-    spec = LossSpec("focal", temperature=t, scale=t / tb, gamma=g)
     return contrastive_loss(
-        features, labels, spec=spec, normalize=normalize, reduction=reduction,
+        features, labels, definition=FocalSupCon(t, tb, g), normalize=normalize, reduction=reduction,
         backend=backend, ref_features=ref_features, ref_labels=ref_labels,
         process_group=process_group, gather=gather,
     )
@@ -227,10 +218,12 @@ def clce_loss(
         process_group=process_group, gather=gather,
     )
     y = torch.as_tensor(labels, device=logits.device).to(torch.int64)
-    flat_logits = logits.reshape(-1, logits.shape[-1]).to(compute_dtype(logits.dtype))
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_logits = flat_logits if flat_logits.dtype == torch.float64 else flat_logits.float()
     if logits.dim() == 3:
         y = y[:, None].expand(logits.shape[0], logits.shape[1]).reshape(-1)  # [B, V] row-major like logits
-    ce = F.cross_entropy(flat_logits, y)
     if gather is not False:
-        ce = rescale_local_mean(ce, flat_logits.shape[0], process_group)
+        ce = rescale_local_sum(F.cross_entropy(flat_logits, y, reduction="sum"), flat_logits.shape[0], process_group)
+    else:
+        ce = F.cross_entropy(flat_logits, y)
     return a * contrastive + (1 - a) * ce.to(contrastive.dtype)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._inputs import FLOAT_DTYPES, flatten_features
+from .inputs import FLOAT_DTYPES, flatten_features
 from .distributed import all_gather_rows, group_rank_and_size
 
 

@@ -1,23 +1,22 @@
-// Fused CPU kernel of the supervised contrastive losses (SupCon, SCHaNe, focal SupCon).
+// Fused CPU kernel of the supervised contrastive losses (the C++ copy of their tile math
+// is tile_math.h; what each statistic and parameter means is in fastcon/losses/*.py).
 //
-// Anchors a_i = z[i] (i < A) against contrast rows c_j = cat(z, ref)[j] (j < K);
-// s_ij = a_i . c_j / t, and anchor i is contrast column i ("self").
+// Anchors a_i (i < A) against contrast rows c_j (j < K); s_ij = a_i . c_j / t, and anchor i
+// is contrast column i + self_offset (no column when self_offset < 0).
 //
 // A tile of s (at most 256 x 512, 512 KiB in float32) is computed by one ATen matmul
 // and consumed while it is in cache:
-//   pass 1  s -> online row statistics (masked log-sum-exps, positive sums);
-//           focal SupCon needs a second such pass for sum_P f'(log p) before its
-//           gradient is known;
-//   pass G  s recomputed -> G = dL/ds in place -> dA_block += G Ct_tile and
-//           dC_tile += G^T A_block / t.
+//   stats  s -> the requested parts' row statistics (online log-sum-exps, sums), returned
+//          raw ([slots, A]); Python's loss definition finalises them;
+//   grads  s recomputed -> G = dL/ds in place from Python's gradient parameters ->
+//          dA_block += G Ct_tile and dC_tile += G^T A_block / t.
 // No pass holds more than one tile of similarities (and one of scratch) per thread.
 //
-// General case (extra contrast rows, or anchors a subset of the rows): row blocks of
-// 256 anchors x column tiles of 512; four matmul passes (s, s again, G C, G^T A).
-// Symmetric case (no extra rows, every row an anchor; the common one): s is
-// symmetric, so only the upper triangle of 256 x 256 tiles is computed and each tile
-// serves its row block and, transposed, its column block: two matmul passes in all
-// (see SymmetricSweep).
+// General case: row blocks of 256 anchors x column tiles of 512. Symmetric case (the
+// anchors are the contrast rows; the common one): s is symmetric, so only the upper
+// triangle of 256 x 256 tiles is computed and each tile serves its row block and,
+// transposed, its column block (see SymmetricSweep): a forward+backward costs 0.5
+// (statistics) + 1.5 (gradient) matmul passes instead of 1 + 3.
 //
 // Thread-count independence: row statistics and dA rows of the general case belong to
 // one row block, so one thread. Sums over row blocks (dC, and in the symmetric case
@@ -42,7 +41,7 @@ namespace {
 
 constexpr int64_t kBlockRows = 256;
 constexpr int64_t kTileCols = 512;
-// dC group buffers: at most this many, and at most this many bytes in all.
+// group buffers: at most this many, and at most this many bytes in all.
 constexpr int64_t kMaxGroups = 16;
 constexpr int64_t kGroupBytes = int64_t(64) << 20;
 
@@ -73,23 +72,33 @@ TileKernels<double> pick_kernels<double>() {
   return base::kernels_f64();
 }
 
+int64_t group_count(int64_t items, int64_t buffer_bytes) {
+  return std::max<int64_t>(
+      1, std::min({items, kMaxGroups, std::max<int64_t>(2, kGroupBytes / std::max<int64_t>(1, buffer_bytes))}));
+}
+
 template <typename T>
 struct Sweep {
   at::Tensor anchors;   // [A, D]
   at::Tensor ct;        // [K, D] contrast rows / t
-  const int32_t* cls;   // [K]
-  int64_t A, K, M, D;
-  Kind kind;
-  double temperature, scale, beta, gamma;
+  const int32_t* acls;  // [A]
+  const int32_t* ccls;  // [K]
+  int64_t A, K, D, self_offset;
+  int kernel_id;
+  double temperature, beta, gamma;
   TileKernels<T> kernels;
+  // the slots of a statistics call
+  int64_t dense_base = -1, pos_base = -1;
+  const T* dense_final = nullptr;
+  const T* params = nullptr;
 
-  TileArgs<T> args(T* s, int64_t rows, int64_t cols, int64_t i0, int64_t k0, T* acc, const T* stats,
-                   const T* mult) const {
-    return TileArgs<T>{s, cols, rows, cols, i0, k0, cls, acc, stats, mult, kind, beta, gamma};
+  TileArgs<T> args(T* s, int64_t rows, int64_t cols, int64_t i0, int64_t k0, T* acc) const {
+    return TileArgs<T>{s, cols, rows, cols, i0, k0, acls, ccls, acc, dense_base, pos_base, dense_final, params,
+                       A, kernel_id, beta, gamma};
   }
 
-  // Computes every tile s[i0:i1, k0:k0+cols] of a row block into `buf` (self
-  // column set to -inf) and hands it to consume(s_tensor, k0, cols).
+  // Computes every tile s[i0:i1, k0:k0+cols] of a row block into `buf` (the anchors' own
+  // columns set to -inf) and hands it to consume(s_tensor, k0, cols).
   template <typename Consume>
   void for_each_tile(int64_t i0, int64_t i1, at::Tensor& buf, Consume&& consume) const {
     const int64_t rows = i1 - i0;
@@ -98,10 +107,12 @@ struct Sweep {
       const int64_t cols = std::min(kTileCols, K - k0);
       at::Tensor s = buf.narrow(0, 0, rows * cols).view({rows, cols});
       at::mm_out(s, a, ct.narrow(0, k0, cols).t());
-      T* sp = s.data_ptr<T>();
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = i0 + r;
-        if (i >= k0 && i < k0 + cols) sp[r * cols + (i - k0)] = -std::numeric_limits<T>::infinity();
+      if (self_offset >= 0) {
+        T* sp = s.data_ptr<T>();
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t j = i0 + r + self_offset;
+          if (j >= k0 && j < k0 + cols) sp[r * cols + (j - k0)] = -std::numeric_limits<T>::infinity();
+        }
       }
       consume(s, k0, cols);
     }
@@ -111,26 +122,24 @@ struct Sweep {
 
   at::Tensor tile_buffer() const { return at::empty({kBlockRows * kTileCols}, anchors.options()); }
 
-  // A streaming pass over all tiles, parallel over row blocks, calling `tile_fn`.
-  void row_pass(void (*tile_fn)(const TileArgs<T>&), T* acc, const T* stats) const {
+  // A statistics pass over all tiles, parallel over row blocks.
+  void row_pass(T* acc) const {
     at::parallel_for(0, num_blocks(), 1, [&](int64_t b0, int64_t b1) {
       at::Tensor buf = tile_buffer();
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t i0 = b * kBlockRows, i1 = std::min(A, i0 + kBlockRows);
         for_each_tile(i0, i1, buf, [&](at::Tensor& s, int64_t k0, int64_t cols) {
-          tile_fn(args(s.data_ptr<T>(), i1 - i0, cols, i0, k0, acc, stats, nullptr));
+          kernels.stats(args(s.data_ptr<T>(), i1 - i0, cols, i0, k0, acc));
         });
       }
     });
   }
 
-  // Pass G: returns (dA [A, D], dC [Kc, D]) of sum_i mult_i * (l_i / coef_i).
-  std::tuple<at::Tensor, at::Tensor> grad_pass(const T* stats, const T* mult, int64_t kc) const {
+  // Returns (dA [A, D], dC [kc, D]) of the gradient parameters.
+  std::tuple<at::Tensor, at::Tensor> grad_pass(int64_t kc) const {
     at::Tensor grad_a = at::zeros({A, D}, anchors.options());
     const int64_t nb = num_blocks();
-    const int64_t buffer_bytes = std::max<int64_t>(1, kc * D * int64_t(sizeof(T)));
-    const int64_t groups = std::max<int64_t>(
-        1, std::min({nb, kMaxGroups, std::max<int64_t>(2, kGroupBytes / buffer_bytes)}));
+    const int64_t groups = group_count(nb, kc * D * int64_t(sizeof(T)));
     at::Tensor grad_c = at::zeros({groups, kc, D}, anchors.options());
     const T inv_t = T(1.0 / temperature);
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
@@ -146,11 +155,7 @@ struct Sweep {
           at::Tensor da = grad_a.narrow(0, i0, i1 - i0);
           for_each_tile(i0, i1, buf, [&](at::Tensor& s, int64_t k0, int64_t cols) {
             T* sp = s.data_ptr<T>();
-            kernels.grad(args(sp, i1 - i0, cols, i0, k0, nullptr, stats, mult));
-            for (int64_t r = 0; r < i1 - i0; ++r) {
-              const int64_t i = i0 + r;
-              if (i >= k0 && i < k0 + cols) sp[r * cols + (i - k0)] = T(0);
-            }
+            kernels.grad(args(sp, i1 - i0, cols, i0, k0, nullptr));
             at::Tensor pa = prod_a.narrow(0, 0, i1 - i0);
             at::mm_out(pa, s, ct.narrow(0, k0, cols));
             da.add_(pa);
@@ -164,29 +169,30 @@ struct Sweep {
         }
       }
     });
-    // add the group buffers in group order, in parallel over elements
-    at::Tensor grad_c0 = grad_c[0];
-    T* out = grad_c0.data_ptr<T>();
-    const T* all = grad_c.data_ptr<T>();
-    const int64_t n = kc * D;
+    return {grad_a, sum_groups(grad_c)};
+  }
+
+  // the group buffers [groups, n...] added in group order, in parallel over elements
+  static at::Tensor sum_groups(const at::Tensor& parts) {
+    at::Tensor out = parts[0].clone();
+    T* outp = out.data_ptr<T>();
+    const T* all = parts.data_ptr<T>();
+    const int64_t n = out.numel(), groups = parts.size(0);
     at::parallel_for(0, n, 4096, [&](int64_t e0, int64_t e1) {
-      for (int64_t g = 1; g < groups; ++g) {
-        const T* part = all + g * n;
-        for (int64_t e = e0; e < e1; ++e) out[e] += part[e];
-      }
+      for (int64_t g = 1; g < groups; ++g)
+        for (int64_t e = e0; e < e1; ++e) outp[e] += all[g * n + e];
     });
-    return {grad_a, grad_c0};
+    return out;
   }
 };
 
-// ---- the symmetric case: no extra contrast rows and every row an anchor ------------
-// Then s is symmetric and G_KI = f(s_IK^T, row statistics of K), so only tiles I <= K
-// are computed: each off-diagonal tile feeds the row statistics of both its row block
-// and (transposed) its column block, and in the gradient pass dz_I += H ct_K and
-// dz_K += H^T z_I / t with H = G_IK + G_KI^T. That halves the similarity products:
-// a forward+backward costs 0.5 (statistics) + 1.5 (gradient) matmul passes.
-// Tiles are cut into a fixed number of contiguous groups, each with its own row
-// accumulators and dz buffer, merged in group order (thread-count independent).
+// ---- the symmetric case: the anchors are the contrast rows ------------------------------
+// Then s is symmetric and G_KI = f(s_IK^T, statistics of rows K), so only tiles I <= K
+// are computed: each off-diagonal tile feeds the row statistics of both its row block and
+// (transposed) its column block, and in the gradient pass dz_I += H ct_K and
+// dz_K += H^T z_I / t with H = G_IK + G_KI^T. Tiles are cut into a fixed number of
+// contiguous groups, each with its own row accumulators and dz buffer, merged in group
+// order (thread-count independent).
 
 constexpr int64_t kSquare = 256;
 
@@ -229,16 +235,14 @@ struct SymmetricSweep {
   int64_t groups;
 
   explicit SymmetricSweep(const Sweep<T>& s) : sw(s) {
-    for (int64_t i0 = 0; i0 < sw.M; i0 += kSquare)
-      for (int64_t k0 = i0; k0 < sw.M; k0 += kSquare) tiles.emplace_back(i0, k0);
-    const int64_t buffer_bytes = std::max<int64_t>(1, sw.M * sw.D * int64_t(sizeof(T)));
-    groups = std::max<int64_t>(1, std::min({int64_t(tiles.size()), kMaxGroups,
-                                            std::max<int64_t>(2, kGroupBytes / buffer_bytes)}));
+    for (int64_t i0 = 0; i0 < sw.A; i0 += kSquare)
+      for (int64_t k0 = i0; k0 < sw.A; k0 += kSquare) tiles.emplace_back(i0, k0);
+    groups = group_count(int64_t(tiles.size()), sw.A * sw.D * int64_t(sizeof(T)));
   }
 
-  int64_t extent(int64_t start) const { return std::min(kSquare, sw.M - start); }
+  int64_t extent(int64_t start) const { return std::min(kSquare, sw.A - start); }
 
-  // s[i0.., k0..] into buf (self column -inf on diagonal tiles); returns the tile.
+  // s[i0.., k0..] into buf (the diagonal -inf on diagonal tiles); returns the tile.
   at::Tensor similarity(int64_t i0, int64_t k0, at::Tensor& buf) const {
     const int64_t rows = extent(i0), cols = extent(k0);
     at::Tensor s = buf.narrow(0, 0, rows * cols).view({rows, cols});
@@ -260,9 +264,8 @@ struct SymmetricSweep {
     });
   }
 
-  // A statistics pass (tile_fn = stats or focal). `acc` holds the initial accumulators
-  // and receives the merged result; `focal_sums` says which pass it is.
-  void row_pass(void (*tile_fn)(const TileArgs<T>&), T* acc, const T* stats, bool focal_sums) const {
+  // A statistics pass: `acc` holds the initial accumulators and receives the merged result.
+  void row_pass(T* acc, const std::vector<int64_t>& rules) const {
     const int64_t A = sw.A;
     at::Tensor init = at::from_blob(acc, {A, kAccStride}, sw.anchors.options());
     at::Tensor part = init.unsqueeze(0).repeat({groups, 1, 1});
@@ -273,39 +276,33 @@ struct SymmetricSweep {
         const auto [i0, k0] = tiles[t];
         const int64_t rows = extent(i0), cols = extent(k0);
         at::Tensor s = similarity(i0, k0, buf);
-        tile_fn(sw.args(s.data_ptr<T>(), rows, cols, i0, k0, pacc, stats, nullptr));
+        sw.kernels.stats(sw.args(s.data_ptr<T>(), rows, cols, i0, k0, pacc));
         if (i0 != k0) {
           transpose(s.data_ptr<T>(), rows, cols, buf_t.data_ptr<T>());
-          tile_fn(sw.args(buf_t.data_ptr<T>(), cols, rows, k0, i0, pacc, stats, nullptr));
+          sw.kernels.stats(sw.args(buf_t.data_ptr<T>(), cols, rows, k0, i0, pacc));
         }
       }
     });
     at::parallel_for(0, A, 256, [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
         T* out = acc + i * kAccStride;
-        const T* first = partp + i * kAccStride;
-        for (int64_t c = 0; c < kAccStride; ++c) out[c] = first[c];
+        for (int64_t c = 0; c < kAccStride; ++c) out[c] = partp[i * kAccStride + c];
         for (int64_t g = 1; g < groups; ++g) {
           const T* a = partp + (g * A + i) * kAccStride;
-          if (focal_sums) {
-            out[3] += a[3];
-            out[4] += a[4];
-          } else if (sw.kind == Kind::schane) {
-            lse_merge(out[0], out[1], a[0], a[1]);
-            lse_merge(out[2], out[3], a[2], a[3]);
-            lse_merge(out[4], out[5], a[4], a[5]);
-          } else {
-            lse_merge(out[0], out[1], a[0], a[1]);
-            out[2] += a[2];
+          for (size_t k = 0; k < rules.size(); ++k) {
+            if (rules[k] == int64_t(Rule::lse))
+              lse_merge(out[2 * k], out[2 * k + 1], a[2 * k], a[2 * k + 1]);
+            else
+              out[2 * k] += a[2 * k];
           }
         }
       }
     });
   }
 
-  // The gradient pass: dz [M, D] of sum_i mult_i * (l_i / coef_i).
-  at::Tensor grad_pass(const T* stats, const T* mult) const {
-    at::Tensor part = at::zeros({groups, sw.M, sw.D}, sw.anchors.options());
+  // The gradient pass: dz [A, D] of the gradient parameters.
+  at::Tensor grad_pass() const {
+    at::Tensor part = at::zeros({groups, sw.A, sw.D}, sw.anchors.options());
     const T inv_t = T(1.0 / sw.temperature);
     for_each_group([&](int64_t g, int64_t t0, int64_t t1, at::Tensor& buf, at::Tensor& buf_t) {
       at::Tensor dz = part[g];
@@ -316,12 +313,10 @@ struct SymmetricSweep {
         at::Tensor h = similarity(i0, k0, buf);
         T* hp = h.data_ptr<T>();
         if (i0 != k0) transpose(hp, rows, cols, buf_t.data_ptr<T>());
-        sw.kernels.grad(sw.args(hp, rows, cols, i0, k0, nullptr, stats, mult));
-        if (i0 == k0) {
-          for (int64_t r = 0; r < rows; ++r) hp[r * cols + r] = T(0);
-        } else {
+        sw.kernels.grad(sw.args(hp, rows, cols, i0, k0, nullptr));
+        if (i0 != k0) {
           T* gt = buf_t.data_ptr<T>();
-          sw.kernels.grad(sw.args(gt, cols, rows, k0, i0, nullptr, stats, mult));
+          sw.kernels.grad(sw.args(gt, cols, rows, k0, i0, nullptr));
           add_transposed(hp, rows, cols, gt);
         }
         at::Tensor p_i = prod.narrow(0, 0, rows);
@@ -332,176 +327,144 @@ struct SymmetricSweep {
         dz.narrow(0, k0, cols).add_(p_k, inv_t);
       }
     });
-    at::Tensor out = part[0];
-    T* outp = out.data_ptr<T>();
-    const T* all = part.data_ptr<T>();
-    const int64_t n = sw.M * sw.D;
-    at::parallel_for(0, n, 4096, [&](int64_t e0, int64_t e1) {
-      for (int64_t g = 1; g < groups; ++g)
-        for (int64_t e = e0; e < e1; ++e) outp[e] += all[g * n + e];
-    });
-    return out.clone();
+    return Sweep<T>::sum_groups(part);
   }
 };
 
-// Turns the pass-1 accumulators into the row loss, validity and the row
-// statistics [c0, c1, c2, coef] of the gradient tile (all 0 at invalid rows).
 template <typename T>
-void finalize_rows(const Sweep<T>& sw, const T* acc, const int64_t* n_same, T* loss, bool* valid, T* stats) {
-  const int64_t K = sw.K;
-  for (int64_t i = 0; i < sw.A; ++i) {
-    const T* a = acc + i * kAccStride;
-    T* st = stats + i * kStatStride;
-    const int64_t n_pos = n_same[i] - 1, n_neg = K - n_same[i];
-    st[0] = st[1] = st[2] = st[3] = T(0);
-    loss[i] = T(0);
-    if (sw.kind == Kind::schane) {
-      valid[i] = n_pos > 0 && n_neg > 0;
-      if (!valid[i]) continue;
-      const T lse_p = a[0] + std::log(a[1]);
-      const T lse_n1 = a[2] + std::log(a[3]);
-      const T lse_nb = a[4] + std::log(a[5]);
-      const T u = std::log(T(n_neg)) + std::log(T(n_pos)) + lse_n1 - lse_nb - lse_p;
-      loss[i] = u > T(0) ? u + std::log1p(std::exp(-u)) : std::log1p(std::exp(u));  // softplus
-      st[0] = lse_p;
-      st[1] = lse_n1;
-      st[2] = lse_nb;
-      st[3] = T(1) / (T(1) + std::exp(-u));  // sigmoid(u) = d softplus / du
-    } else {
-      valid[i] = n_pos > 0;
-      if (!valid[i]) continue;
-      const T lse = a[0] + std::log(a[1]);
-      st[0] = lse;
-      if (sw.kind == Kind::supcon) {
-        loss[i] = T(-sw.scale) * (a[2] / T(n_pos) - lse);
-        st[1] = T(1) / T(n_pos);
-        st[3] = T(sw.scale);
-      }
-    }
-  }
-}
-
-// Focal SupCon after its second pass: loss and [lse, sum_P f', -, coef].
-template <typename T>
-void finalize_focal(const Sweep<T>& sw, const T* acc, T* loss, const bool* valid, T* stats) {
-  const T coef = T(-sw.scale) / T(sw.K);
-  for (int64_t i = 0; i < sw.A; ++i) {
-    if (!valid[i]) continue;
-    const T* a = acc + i * kAccStride;
-    loss[i] = coef * a[3];
-    stats[i * kStatStride + 1] = a[4];
-    stats[i * kStatStride + 3] = coef;
-  }
-}
-
-template <typename T>
-std::vector<at::Tensor> sweep_typed(const at::Tensor& z, const c10::optional<at::Tensor>& ref, const at::Tensor& cls,
-                                    int64_t num_anchors, Kind kind, double temperature, double scale, double beta,
-                                    double gamma, const c10::optional<at::Tensor>& saved_stats,
-                                    const c10::optional<at::Tensor>& row_weight, bool want_grad, bool need_ref_grad) {
-  const bool has_ref = ref.has_value() && ref->defined();
-  at::Tensor contrast = has_ref ? at::cat({z, *ref}, 0) : z;
+Sweep<T> make_sweep(const at::Tensor& anchors, const at::Tensor& contrast, const at::Tensor& acls,
+                    const at::Tensor& ccls, int64_t self_offset, int64_t kernel_id, double temperature, double beta,
+                    double gamma) {
   Sweep<T> sw;
-  sw.M = z.size(0);
+  sw.A = anchors.size(0);
   sw.K = contrast.size(0);
-  sw.D = z.size(1);
-  sw.A = num_anchors;
-  sw.anchors = z.narrow(0, 0, num_anchors);
+  sw.D = anchors.size(1);
+  sw.anchors = anchors;
   sw.ct = (contrast * (1.0 / temperature)).contiguous();
-  sw.cls = cls.data_ptr<int32_t>();
-  sw.kind = kind;
+  sw.acls = acls.data_ptr<int32_t>();
+  sw.ccls = ccls.data_ptr<int32_t>();
+  sw.self_offset = self_offset;
+  sw.kernel_id = int(kernel_id);
   sw.temperature = temperature;
-  sw.scale = scale;
   sw.beta = beta;
   sw.gamma = gamma;
   sw.kernels = pick_kernels<T>();
-  const auto opts = z.options();
-  const bool symmetric = !has_ref && num_anchors == sw.M && sw.M > 0;
-  at::Tensor row_loss = at::empty({0}, opts), valid = at::empty({0}, opts.dtype(at::kBool)), stats;
-
-  if (saved_stats.has_value() && saved_stats->defined()) {
-    stats = *saved_stats;
-  } else {
-    // |{j : y_j = y_i}| over all contrast rows, self included, from class counts
-    const int64_t num_classes = sw.K ? cls.max().item<int32_t>() + 1 : 0;
-    std::vector<int64_t> count(num_classes, 0), n_same(sw.A);
-    for (int64_t j = 0; j < sw.K; ++j) ++count[sw.cls[j]];
-    for (int64_t i = 0; i < sw.A; ++i) n_same[i] = count[sw.cls[i]];
-
-    at::Tensor acc = at::zeros({sw.A, kAccStride}, opts);
-    T* accp = acc.data_ptr<T>();
-    const T ninf = -std::numeric_limits<T>::infinity();
-    for (int64_t i = 0; i < sw.A; ++i) {
-      accp[i * kAccStride] = ninf;
-      accp[i * kAccStride + 2] = kind == Kind::schane ? ninf : T(0);
-      accp[i * kAccStride + 4] = kind == Kind::schane ? ninf : T(0);
-    }
-    if (symmetric)
-      SymmetricSweep<T>(sw).row_pass(sw.kernels.stats, accp, nullptr, false);
-    else
-      sw.row_pass(sw.kernels.stats, accp, nullptr);
-    row_loss = at::empty({sw.A}, opts);
-    valid = at::empty({sw.A}, opts.dtype(at::kBool));
-    stats = at::zeros({sw.A, kStatStride}, opts);
-    finalize_rows(sw, accp, n_same.data(), row_loss.data_ptr<T>(), valid.data_ptr<bool>(), stats.data_ptr<T>());
-    if (kind == Kind::focal) {
-      if (symmetric)
-        SymmetricSweep<T>(sw).row_pass(sw.kernels.focal, accp, stats.data_ptr<T>(), true);
-      else
-        sw.row_pass(sw.kernels.focal, accp, stats.data_ptr<T>());
-      finalize_focal(sw, accp, row_loss.data_ptr<T>(), valid.data_ptr<bool>(), stats.data_ptr<T>());
-    }
-  }
-
-  at::Tensor grad_z = at::empty({0}, opts), grad_ref = at::empty({0}, opts);
-  if (want_grad) {
-    at::Tensor mult = stats.select(1, 3).contiguous();
-    if (row_weight.has_value() && row_weight->defined()) mult = mult * *row_weight;
-    if (symmetric) {
-      grad_z = SymmetricSweep<T>(sw).grad_pass(stats.data_ptr<T>(), mult.data_ptr<T>());
-      return {row_loss, valid, stats, grad_z, grad_ref};
-    }
-    const int64_t kc = (has_ref && need_ref_grad) ? sw.K : sw.M;
-    auto [grad_a, grad_c] = sw.grad_pass(stats.data_ptr<T>(), mult.data_ptr<T>(), kc);
-    grad_z = grad_c.narrow(0, 0, sw.M).clone();
-    grad_z.narrow(0, 0, sw.A).add_(grad_a);
-    if (has_ref && need_ref_grad) grad_ref = grad_c.narrow(0, sw.M, sw.K - sw.M).clone();
-  }
-  return {row_loss, valid, stats, grad_z, grad_ref};
+  return sw;
 }
 
-std::vector<at::Tensor> sweep(const at::Tensor& z, const c10::optional<at::Tensor>& ref, const at::Tensor& cls,
-                              int64_t num_anchors, int64_t kind, double temperature, double scale, double beta,
-                              double gamma, const c10::optional<at::Tensor>& saved_stats,
-                              const c10::optional<at::Tensor>& row_weight, bool want_grad, bool need_ref_grad) {
-  TORCH_CHECK(z.dim() == 2 && z.is_contiguous() && z.device().is_cpu(), "z must be a contiguous 2-D CPU tensor");
-  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, "z must be float32 or float64, got ",
-              z.scalar_type());
-  TORCH_CHECK(num_anchors >= 0 && num_anchors <= z.size(0), "num_anchors out of range");
-  TORCH_CHECK(kind >= 0 && kind <= 2, "kind must be 0 (supcon), 1 (schane) or 2 (focal)");
-  TORCH_CHECK(cls.scalar_type() == at::kInt && cls.is_contiguous(), "cls must be contiguous int32");
-  if (ref.has_value() && ref->defined()) {
-    TORCH_CHECK(ref->scalar_type() == z.scalar_type() && ref->is_contiguous() && ref->dim() == 2 &&
-                    ref->size(1) == z.size(1),
-                "ref must be a contiguous [R, D] tensor of z's dtype");
+template <typename T>
+at::Tensor stats_typed(const at::Tensor& anchors, const at::Tensor& contrast, const at::Tensor& acls,
+                       const at::Tensor& ccls, int64_t self_offset, bool symmetric, int64_t kernel_id,
+                       double temperature, double beta, double gamma, const std::vector<int64_t>& dense_rules,
+                       const std::vector<int64_t>& positive_rules, const c10::optional<at::Tensor>& dense_final) {
+  Sweep<T> sw = make_sweep<T>(anchors, contrast, acls, ccls, self_offset, kernel_id, temperature, beta, gamma);
+  std::vector<int64_t> rules(dense_rules);
+  rules.insert(rules.end(), positive_rules.begin(), positive_rules.end());
+  sw.dense_base = dense_rules.empty() ? -1 : 0;
+  sw.pos_base = positive_rules.empty() ? -1 : int64_t(dense_rules.size());
+  at::Tensor final_dense;
+  if (dense_final.has_value() && dense_final->defined()) {
+    final_dense = dense_final->contiguous();
+    sw.dense_final = final_dense.data_ptr<T>();
   }
-  TORCH_CHECK(cls.numel() == z.size(0) + ((ref.has_value() && ref->defined()) ? ref->size(0) : 0),
-              "cls must have one entry per contrast row");
-  // the tile matmuls run below autograd
+  const int64_t S = int64_t(rules.size());
+  at::Tensor acc = at::zeros({sw.A, kAccStride}, anchors.options());
+  T* accp = acc.data_ptr<T>();
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < sw.A; ++i)
+    for (int64_t k = 0; k < S; ++k)
+      if (rules[k] == int64_t(Rule::lse)) accp[i * kAccStride + 2 * k] = ninf;
+  if (sw.A > 0 && sw.K > 0) {
+    if (symmetric)
+      SymmetricSweep<T>(sw).row_pass(accp, rules);
+    else
+      sw.row_pass(accp);
+  }
+  at::Tensor out = at::empty({S, sw.A}, anchors.options());
+  T* o = out.data_ptr<T>();
+  for (int64_t k = 0; k < S; ++k)
+    for (int64_t i = 0; i < sw.A; ++i) {
+      const T* a = accp + i * kAccStride + 2 * k;
+      o[k * sw.A + i] = rules[k] == int64_t(Rule::lse) ? (a[0] == ninf ? ninf : a[0] + std::log(a[1])) : a[0];
+    }
+  return out;
+}
+
+void check_common(const at::Tensor& anchors, const at::Tensor& contrast, const at::Tensor& acls,
+                  const at::Tensor& ccls, int64_t kernel_id) {
+  TORCH_CHECK(anchors.dim() == 2 && anchors.is_contiguous() && anchors.device().is_cpu(),
+              "anchors must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(anchors.scalar_type() == at::kFloat || anchors.scalar_type() == at::kDouble,
+              "anchors must be float32 or float64, got ", anchors.scalar_type());
+  TORCH_CHECK(contrast.dim() == 2 && contrast.is_contiguous() && contrast.scalar_type() == anchors.scalar_type() &&
+                  contrast.size(1) == anchors.size(1),
+              "contrast must be a contiguous [K, D] tensor of the anchors' dtype");
+  TORCH_CHECK(kernel_id >= 0 && kernel_id <= 2, "kernel_id must be 0, 1 or 2 (a loss definition's kernel_id)");
+  TORCH_CHECK(acls.scalar_type() == at::kInt && acls.is_contiguous() && acls.numel() == anchors.size(0),
+              "anchor_cls must be contiguous int32 with one entry per anchor");
+  TORCH_CHECK(ccls.scalar_type() == at::kInt && ccls.is_contiguous() && ccls.numel() == contrast.size(0),
+              "contrast_cls must be contiguous int32 with one entry per contrast row");
+}
+
+at::Tensor stats(const at::Tensor& anchors, const at::Tensor& contrast, const at::Tensor& acls,
+                 const at::Tensor& ccls, int64_t self_offset, bool symmetric, int64_t kernel_id, double temperature,
+                 double beta, double gamma, at::IntArrayRef dense_rules, at::IntArrayRef positive_rules,
+                 const c10::optional<at::Tensor>& dense_final) {
+  check_common(anchors, contrast, acls, ccls, kernel_id);
+  TORCH_CHECK(int64_t(dense_rules.size() + positive_rules.size()) <= kMaxSlots, "too many statistic slots");
+  TORCH_CHECK(!symmetric || (anchors.size(0) == contrast.size(0) && self_offset == 0),
+              "symmetric needs the anchors to be the contrast rows");
+  at::AutoDispatchBelowADInplaceOrView guard;  // the tile matmuls run below autograd
+  std::vector<int64_t> dr(dense_rules.begin(), dense_rules.end()), pr(positive_rules.begin(), positive_rules.end());
+  if (anchors.scalar_type() == at::kFloat)
+    return stats_typed<float>(anchors, contrast, acls, ccls, self_offset, symmetric, kernel_id, temperature, beta,
+                              gamma, dr, pr, dense_final);
+  return stats_typed<double>(anchors, contrast, acls, ccls, self_offset, symmetric, kernel_id, temperature, beta,
+                             gamma, dr, pr, dense_final);
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> grads_typed(const at::Tensor& anchors, const at::Tensor& contrast,
+                                               const at::Tensor& acls, const at::Tensor& ccls, int64_t self_offset,
+                                               bool symmetric, int64_t kernel_id, double temperature, double beta,
+                                               double gamma, const at::Tensor& params, int64_t contrast_rows) {
+  Sweep<T> sw = make_sweep<T>(anchors, contrast, acls, ccls, self_offset, kernel_id, temperature, beta, gamma);
+  at::Tensor prm = params.contiguous();
+  sw.params = prm.data_ptr<T>();
+  if (sw.A == 0 || sw.K == 0)
+    return {at::zeros({sw.A, sw.D}, anchors.options()), at::zeros({contrast_rows, sw.D}, anchors.options())};
+  if (symmetric) return {SymmetricSweep<T>(sw).grad_pass(), at::empty({0}, anchors.options())};
+  return sw.grad_pass(contrast_rows);
+}
+
+std::tuple<at::Tensor, at::Tensor> grads(const at::Tensor& anchors, const at::Tensor& contrast,
+                                         const at::Tensor& acls, const at::Tensor& ccls, int64_t self_offset,
+                                         bool symmetric, int64_t kernel_id, double temperature, double beta,
+                                         double gamma, const at::Tensor& params, int64_t contrast_rows) {
+  check_common(anchors, contrast, acls, ccls, kernel_id);
+  TORCH_CHECK(params.dim() == 2 && params.size(1) == anchors.size(0) && params.scalar_type() == anchors.scalar_type(),
+              "params must be [P, A] in the anchors' dtype");
+  TORCH_CHECK(contrast_rows >= 0 && contrast_rows <= contrast.size(0), "contrast_rows out of range");
   at::AutoDispatchBelowADInplaceOrView guard;
-  if (z.scalar_type() == at::kFloat)
-    return sweep_typed<float>(z, ref, cls, num_anchors, Kind(kind), temperature, scale, beta, gamma, saved_stats,
-                              row_weight, want_grad, need_ref_grad);
-  return sweep_typed<double>(z, ref, cls, num_anchors, Kind(kind), temperature, scale, beta, gamma, saved_stats,
-                             row_weight, want_grad, need_ref_grad);
+  if (anchors.scalar_type() == at::kFloat)
+    return grads_typed<float>(anchors, contrast, acls, ccls, self_offset, symmetric, kernel_id, temperature, beta,
+                              gamma, params, contrast_rows);
+  return grads_typed<double>(anchors, contrast, acls, ccls, self_offset, symmetric, kernel_id, temperature, beta,
+                             gamma, params, contrast_rows);
 }
 
 }  // namespace
 }  // namespace fastcon
 
-TORCH_LIBRARY(fastcon, m) {
+TORCH_LIBRARY(fastcon_native, m) {
   m.def(
-      "sweep(Tensor z, Tensor? ref, Tensor cls, int num_anchors, int kind, float temperature, float scale, "
-      "float beta, float gamma, Tensor? stats, Tensor? row_weight, bool want_grad, bool need_ref_grad) -> Tensor[]");
-  m.impl("sweep", &fastcon::sweep);
+      "stats(Tensor anchors, Tensor contrast, Tensor anchor_cls, Tensor contrast_cls, int self_offset, "
+      "bool symmetric, int kernel_id, float temperature, float beta, float gamma, int[] dense_rules, "
+      "int[] positive_rules, Tensor? dense_final) -> Tensor");
+  m.def(
+      "grads(Tensor anchors, Tensor contrast, Tensor anchor_cls, Tensor contrast_cls, int self_offset, "
+      "bool symmetric, int kernel_id, float temperature, float beta, float gamma, Tensor params, "
+      "int contrast_rows) -> (Tensor, Tensor)");
+  m.impl("stats", c10::DispatchKey::CPU, &fastcon::stats);
+  m.impl("grads", c10::DispatchKey::CPU, &fastcon::grads);
 }

@@ -1,10 +1,13 @@
 // Per-tile row math of every loss, written as plain loops over one row of a
 // similarity tile so that the compiler vectorises them. This header is compiled
 // once per instruction set (see tile_math_*.cpp): FASTCON_ISA names the namespace.
+// It is the C++ copy of each loss's tile math; the Python definitions in
+// fastcon/losses/ say what each slot and parameter is (their order is the order here).
 //
 // A tile is `rows x cols` similarities s_ij = a_i . c_j / t of anchors i0.. against
 // contrast columns k0.., row-major with leading dimension `ld`. The driver has set
-// the self column (j == i) to -inf, so it drops out of every max and every exp.
+// the anchor's own column to -inf, so it drops out of every max and every exp, and a
+// column is a positive of row i when it has the anchor's class and a finite s.
 #pragma once
 
 #include <cmath>
@@ -64,70 +67,48 @@ static inline void lse_rescale(T& m, T& l, T tile_max) {
   }
 }
 
-// ---- pass 1: streaming row statistics --------------------------------------------
-// SupCon / focal accumulators: [m_all, l_all, sum of s over P]; SCHaNe:
-// [m_P, l_P, m_N1, l_N1, m_Nb, l_Nb] for s over P, (1+beta)s over N, beta s over N.
-
+// a max still at -inf means the set is empty so far: any finite shift works
 template <typename T>
-static void stats_tile(const TileArgs<T>& a) {
-  const T b1 = T(1) + T(a.beta), bb = T(a.beta);
-  for (int64_t r = 0; r < a.rows; ++r) {
-    const T* s = a.s + r * a.ld;
-    const int32_t* cls = a.cls + a.k0;
-    const int32_t cy = a.cls[a.i0 + r];
-    T* acc = a.acc + (a.i0 + r) * kAccStride;
-    if (a.kind == Kind::schane) {
-      T mp = neg_inf<T>(), mn1 = neg_inf<T>(), mnb = neg_inf<T>();
-#pragma omp simd reduction(max : mp, mn1, mnb)
-      for (int64_t j = 0; j < a.cols; ++j) {
-        const T x = s[j];
-        const bool same = cls[j] == cy;
-        const T xp = same ? x : neg_inf<T>();
-        const T xn1 = same ? neg_inf<T>() : b1 * x;
-        const T xnb = same ? neg_inf<T>() : bb * x;
-        mp = xp > mp ? xp : mp;
-        mn1 = xn1 > mn1 ? xn1 : mn1;
-        mnb = xnb > mnb ? xnb : mnb;
-      }
-      lse_rescale(acc[0], acc[1], mp);
-      lse_rescale(acc[2], acc[3], mn1);
-      lse_rescale(acc[4], acc[5], mnb);
-      // a max still at -inf means the set is empty so far: any finite shift works
-      const T sp = acc[0] == neg_inf<T>() ? T(0) : acc[0];
-      const T sn1 = acc[2] == neg_inf<T>() ? T(0) : acc[2];
-      const T snb = acc[4] == neg_inf<T>() ? T(0) : acc[4];
-      T lp = 0, ln1 = 0, lnb = 0;
-#pragma omp simd reduction(+ : lp, ln1, lnb)
-      for (int64_t j = 0; j < a.cols; ++j) {
-        const T x = s[j];
-        const bool same = cls[j] == cy;
-        const T ep = fast_exp(x - sp);
-        const T en1 = fast_exp(b1 * x - sn1);
-        const T enb = fast_exp(bb * x - snb);
-        lp += same ? ep : T(0);
-        ln1 += same ? T(0) : en1;
-        lnb += same ? T(0) : enb;
-      }
-      acc[1] += lp;
-      acc[3] += ln1;
-      acc[5] += lnb;
-    } else {
-      T mx = neg_inf<T>(), pos_sum = 0;
-#pragma omp simd reduction(max : mx) reduction(+ : pos_sum)
-      for (int64_t j = 0; j < a.cols; ++j) {
-        const T x = s[j];
-        mx = x > mx ? x : mx;
-        pos_sum += (cls[j] == cy && x != neg_inf<T>()) ? x : T(0);
-      }
-      lse_rescale(acc[0], acc[1], mx);
-      const T shift = acc[0] == neg_inf<T>() ? T(0) : acc[0];
-      T l = 0;
+static inline T shift_of(T m) {
+  return m == neg_inf<T>() ? T(0) : m;
+}
+
+// ---- statistics ------------------------------------------------------------------------
+// Slot k of a row lives in acc[2k] (max or sum) and acc[2k + 1] (sum of exp).
+
+// LSE over every column of the row (the anchor's own column is -inf): SupCon's and focal's dense part
+template <typename T>
+static inline void lse_all_row(const T* s, int64_t n, T* slot) {
+  T mx = neg_inf<T>();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+  lse_rescale(slot[0], slot[1], mx);
+  const T shift = shift_of(slot[0]);
+  T l = 0;
 #pragma omp simd reduction(+ : l)
-      for (int64_t j = 0; j < a.cols; ++j) l += fast_exp(s[j] - shift);
-      acc[1] += l;
-      acc[2] += pos_sum;
-    }
+  for (int64_t j = 0; j < n; ++j) l += fast_exp(s[j] - shift);
+  slot[1] += l;
+}
+
+// LSE of scale * s over the columns with (cls == cy) == same
+template <typename T>
+static inline void lse_masked_row(const T* s, const int32_t* cls, int32_t cy, bool same, T scale, int64_t n,
+                                  T* slot) {
+  T mx = neg_inf<T>();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) {
+    const T x = ((cls[j] == cy) == same && s[j] != neg_inf<T>()) ? scale * s[j] : neg_inf<T>();
+    mx = x > mx ? x : mx;
   }
+  lse_rescale(slot[0], slot[1], mx);
+  const T shift = shift_of(slot[0]);
+  T l = 0;
+#pragma omp simd reduction(+ : l)
+  for (int64_t j = 0; j < n; ++j) {
+    const T e = fast_exp(scale * s[j] - shift);
+    l += ((cls[j] == cy) == same && s[j] != neg_inf<T>()) ? e : T(0);
+  }
+  slot[1] += l;
 }
 
 // ---- focal: f(L) = (1-p)^gamma L and f'(L) at one positive, L = log p --------------
@@ -142,87 +123,116 @@ static inline void focal_terms(T log_p, T gamma, T& f, T& fprime) {
   }
   const T w = std::pow(std::fmax(one_minus_p, T(0)), gamma);
   f = w * log_p;
-  // f'(L) = (1-p)^gamma - gamma (1-p)^(gamma-1) p L; the tail vanishes at p = 1
+  // f'(L) = (1-p)^gamma - gamma (1-p)^(gamma-1) p L; the tail vanishes at p = 0 and p = 1
   T tail = 0;
-  if (one_minus_p > T(0))
+  if (one_minus_p > T(0) && p > T(0))
     tail = gamma * std::pow(std::fmax(one_minus_p, std::numeric_limits<T>::min()), gamma - T(1)) * p * log_p;
   fprime = w - tail;
 }
 
-// Focal pass 2 (needs the final row LSE in row_stats[0]): accumulates
-// [sum_P f(L), sum_P f'(L)] into acc[3], acc[4]. Only positives carry terms.
 template <typename T>
-static void focal_tile(const TileArgs<T>& a) {
-  const T gamma = T(a.gamma);
+static void stats_tile(const TileArgs<T>& a) {
+  const T b1 = T(1) + T(a.beta), bb = T(a.beta), gamma = T(a.gamma);
   for (int64_t r = 0; r < a.rows; ++r) {
+    const int64_t i = a.i0 + r;
     const T* s = a.s + r * a.ld;
-    const int32_t* cls = a.cls + a.k0;
-    const int32_t cy = a.cls[a.i0 + r];
-    T* acc = a.acc + (a.i0 + r) * kAccStride;
-    const T lse = a.row_stats[(a.i0 + r) * kStatStride];
-    T fsum = 0, fpsum = 0;
-    for (int64_t j = 0; j < a.cols; ++j) {
-      if (cls[j] != cy || s[j] == neg_inf<T>()) continue;
-      T f, fp;
-      focal_terms(s[j] - lse, gamma, f, fp);
-      fsum += f;
-      fpsum += fp;
+    const int32_t* cls = a.contrast_cls + a.k0;
+    const int32_t cy = a.anchor_cls[i];
+    T* acc = a.acc + i * kAccStride;
+    T* dense = a.dense_base >= 0 ? acc + 2 * a.dense_base : nullptr;
+    T* pos = a.pos_base >= 0 ? acc + 2 * a.pos_base : nullptr;
+    if (a.kernel_id == 0) {  // SupCon: dense LSE_A(s); positive sum_P s
+      if (dense) lse_all_row(s, a.cols, dense);
+      if (pos) {
+        T ps = 0;
+#pragma omp simd reduction(+ : ps)
+        for (int64_t j = 0; j < a.cols; ++j) ps += (cls[j] == cy && s[j] != neg_inf<T>()) ? s[j] : T(0);
+        pos[0] += ps;
+      }
+    } else if (a.kernel_id == 1) {  // SCHaNe: dense LSE_N((1+b)s), LSE_N(b s); positive LSE_P(s)
+      if (dense) {
+        lse_masked_row(s, cls, cy, false, b1, a.cols, dense);
+        lse_masked_row(s, cls, cy, false, bb, a.cols, dense + 2);
+      }
+      if (pos) lse_masked_row(s, cls, cy, true, T(1), a.cols, pos);
+    } else {  // focal: dense LSE_A(s); positive sum_P f(L), sum_P f'(L) with the finished LSE
+      if (dense) lse_all_row(s, a.cols, dense);
+      if (pos) {
+        const T lse = a.dense_final[i];
+        T fsum = 0, fpsum = 0;
+        for (int64_t j = 0; j < a.cols; ++j) {
+          if (cls[j] != cy || s[j] == neg_inf<T>()) continue;
+          T f, fp;
+          focal_terms(s[j] - lse, gamma, f, fp);
+          fsum += f;
+          fpsum += fp;
+        }
+        pos[0] += fsum;
+        pos[2] += fpsum;
+      }
     }
-    acc[3] += fsum;
-    acc[4] += fpsum;
   }
 }
 
-// ---- the gradient tile G = mult_i * dl_i/ds_ij, written over s -------------------
-// row_stats per row: [c0, c1, c2, coef] (see contrastive.cpp); mult_i = coef_i * w_i.
+// ---- the gradient tile G = w_i dl_i/ds_ij, written over s ------------------------------
 template <typename T>
 static void grad_tile(const TileArgs<T>& a) {
   const T b1 = T(1) + T(a.beta), bb = T(a.beta), gamma = T(a.gamma);
   for (int64_t r = 0; r < a.rows; ++r) {
+    const int64_t i = a.i0 + r;
     T* s = a.s + r * a.ld;
-    const int32_t* cls = a.cls + a.k0;
-    const int32_t cy = a.cls[a.i0 + r];
-    const T* st = a.row_stats + (a.i0 + r) * kStatStride;
-    const T mult = a.row_mult[a.i0 + r];
-    if (mult == T(0)) {
-      for (int64_t j = 0; j < a.cols; ++j) s[j] = T(0);
-      continue;
-    }
-    const T c0 = st[0], c1 = st[1], c2 = st[2];
-    if (a.kind == Kind::supcon) {
-      // scale * (softmax_A(s)_ij - [j in P(i)] / |P(i)|); c1 = 1 / |P(i)|
-      const T pos_share = mult * c1;
+    const int32_t* cls = a.contrast_cls + a.k0;
+    const int32_t cy = a.anchor_cls[i];
+    auto param = [&](int k) { return a.params[k * a.A + i]; };
+    if (a.kernel_id == 0) {
+      // SupCon (lse_all, coef, pos_coef): coef softmax_A(s) - [j in P] pos_coef
+      const T lse = param(0), coef = param(1), pc = param(2);
+      if (coef == T(0) && pc == T(0)) {
+        for (int64_t j = 0; j < a.cols; ++j) s[j] = T(0);
+        continue;
+      }
 #pragma omp simd
       for (int64_t j = 0; j < a.cols; ++j) {
-        const T e = mult * fast_exp(s[j] - c0);
-        s[j] = e - (cls[j] == cy ? pos_share : T(0));
+        const bool positive = cls[j] == cy && s[j] != neg_inf<T>();
+        s[j] = coef * fast_exp(s[j] - lse) - (positive ? pc : T(0));
       }
-    } else if (a.kind == Kind::schane) {
-      // positives: -softmax_P(s); negatives: (1+beta) softmax_N((1+beta)s) - beta softmax_N(beta s)
-      const T mb1 = mult * b1, mbb = mult * bb;
+    } else if (a.kernel_id == 1) {
+      // SCHaNe (lse_pos, lse_neg_hard, lse_neg_weight, coef):
+      // P: -coef softmax_P(s); N: coef [(1+b) softmax_N((1+b)s) - b softmax_N(b s)]
+      const T lp = param(0), l1 = param(1), lb = param(2), coef = param(3);
+      if (coef == T(0)) {
+        for (int64_t j = 0; j < a.cols; ++j) s[j] = T(0);
+        continue;
+      }
+      const T cb1 = coef * b1, cbb = coef * bb;
 #pragma omp simd
       for (int64_t j = 0; j < a.cols; ++j) {
         const T x = s[j];
-        const T gp = -mult * fast_exp(x - c0);
-        const T gn = mb1 * fast_exp(b1 * x - c1) - mbb * fast_exp(bb * x - c2);
+        const T gp = x == neg_inf<T>() ? T(0) : -coef * fast_exp(x - lp);
+        const T gn = cb1 * fast_exp(b1 * x - l1) - cbb * fast_exp(bb * x - lb);
         s[j] = cls[j] == cy ? gp : gn;
       }
     } else {
-      // -scale/K * ([j in P] f'(L_ij) - p_ij * sum_P f'); c1 = sum_P f', coef in mult.
-      // Positives keep s for the scalar loop that adds their f' term.
-      const T pf = -mult * c1;
-#pragma omp simd
-      for (int64_t j = 0; j < a.cols; ++j) s[j] = cls[j] == cy ? s[j] : pf * fast_exp(s[j] - c0);
+      // focal (lse_all, coef, coef_fsum): -coef_fsum p_ij + [j in P] coef f'(L_ij)
+      const T lse = param(0), coef = param(1), cf = param(2);
+      if (coef == T(0) && cf == T(0)) {
+        for (int64_t j = 0; j < a.cols; ++j) s[j] = T(0);
+        continue;
+      }
       for (int64_t j = 0; j < a.cols; ++j) {
-        if (cls[j] != cy) continue;
-        if (s[j] == neg_inf<T>()) {  // the self column
+        const T x = s[j];
+        if (x == neg_inf<T>()) {  // the anchor's own column
           s[j] = T(0);
           continue;
         }
-        const T log_p = s[j] - c0;
-        T f, fp;
-        focal_terms(log_p, gamma, f, fp);
-        s[j] = pf * std::exp(log_p) + mult * fp;
+        const T log_p = x - lse;
+        T g = -cf * fast_exp(log_p);
+        if (cls[j] == cy) {
+          T f, fp;
+          focal_terms(log_p, gamma, f, fp);
+          g += coef * fp;
+        }
+        s[j] = g;
       }
     }
   }

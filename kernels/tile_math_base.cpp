@@ -5,8 +5,8 @@
 namespace fastcon {
 namespace base {
 
-TileKernels<float> kernels_f32() { return {stats_tile<float>, focal_tile<float>, grad_tile<float>}; }
-TileKernels<double> kernels_f64() { return {stats_tile<double>, focal_tile<double>, grad_tile<double>}; }
+TileKernels<float> kernels_f32() { return {stats_tile<float>, grad_tile<float>}; }
+TileKernels<double> kernels_f64() { return {stats_tile<double>, grad_tile<double>}; }
 
 }  // namespace base
 }  // namespace fastcon

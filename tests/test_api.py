@@ -279,24 +279,29 @@ def test_bad_ref_and_logits():
 
 def test_bad_input_is_rejected_before_heavy_work(monkeypatch):
     # the similarity sweep must never start on invalid input
-    import fastcon.blockwise as bw
+    import fastcon.backends.blockwise as bw
 
     def boom(*a, **k):
         raise AssertionError("sweep started before validation")
 
-    monkeypatch.setattr(bw, "sweep", boom)
+    monkeypatch.setattr(bw, "_blocks", boom)
     with pytest.raises(ValueError):
         FC.supcon_loss(torch.randn(4, 2, 3), torch.arange(3), backend="blockwise")
 
 
-def test_unavailable_backends_say_why():
+def test_unavailable_backends_say_why(monkeypatch):
+    import fastcon.backends.native as native_backend
+
     x, y = torch.randn(4, 2, 3), torch.tensor([0, 1, 0, 1])
-    if not fastcon._function._native_usable():
-        _err(RuntimeError, "backend='native' needs the compiled CPU extension", FC.supcon_loss, x, y,
-             backend="native")
+    # as on a machine without the compiled kernel
+    monkeypatch.setattr(native_backend, "is_available", lambda: False)
+    monkeypatch.setattr(native_backend, "import_error", lambda: "no compiled library at /nowhere")
+    _err(RuntimeError, "backend='native' is not available: the compiled CPU kernel is not loaded: no compiled "
+         "library at /nowhere", FC.supcon_loss, x, y, backend="native")
+    assert fastcon.backends.auto(torch.device("cpu")).name == "blockwise"
     import os
     if os.environ.get("TRITON_INTERPRET") != "1":
-        _err(RuntimeError, "backend='triton' needs", FC.supcon_loss, x, y, backend="triton")
+        _err(RuntimeError, "backend='triton'", FC.supcon_loss, x, y, backend="triton")
 
 
 def test_block_memory_setting():

@@ -72,18 +72,14 @@ def _pml_builder(loss: str):
 
 
 def _backend_usable(backend: str, device: torch.device) -> tuple[bool, str]:
-    # native is a CPU engine, triton a GPU one (on CPU it only runs in the slow interpreter)
-    if backend == "triton" and device.type != "cuda":
-        return False, "triton runs on CUDA devices only"
-    if backend == "native" and device.type != "cpu":
-        return False, "native runs on CPU only"
-    from fastcon._function import get_engine
+    """Whether the registry can run ``backend`` on ``device`` (never the Triton interpreter)."""
+    from fastcon.backends import REGISTRY
 
-    try:
-        get_engine(backend, device)
-    except (RuntimeError, ImportError, ValueError) as exc:
-        return False, str(exc)
-    return True, ""
+    entry = REGISTRY[backend]
+    if not entry.runs_on(device):
+        return False, f"{backend} runs on {' or '.join(entry.devices)} only"
+    why = entry.unavailable_reason()
+    return (why is None), (why or "")
 
 
 def available_providers(device: torch.device):

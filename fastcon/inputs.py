@@ -11,17 +11,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 CONTRAST_MODES = ("all", "one")
-BACKENDS = ("auto", "reference", "blockwise", "triton", "native")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 for float64 input, float32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_positive(name: str, value: float) -> float:
@@ -85,43 +78,23 @@ def _check_labels(name: str, labels, expected: int, device: torch.device, what: 
     return labels.to(device=device, dtype=torch.int64)
 
 
-@dataclass
-class Problem:
-    """A validated, flattened contrastive problem.
-
-    ``z`` holds the M batch rows (view-major, normalised, in the compute dtype) and
-    the anchors are its first ``num_anchors`` rows; ``ref`` holds R extra contrast
-    rows that are never anchors. Anchor ``i`` is contrast column ``i``.
-    """
-
-    z: torch.Tensor
-    labels: torch.Tensor
-    ref: Optional[torch.Tensor]
-    ref_labels: Optional[torch.Tensor]
-    num_anchors: int
-    input_dtype: torch.dtype
-
-    @property
-    def num_contrast(self) -> int:
-        return self.z.shape[0] + (0 if self.ref is None else self.ref.shape[0])
-
-
-def flatten_features(features: torch.Tensor, labels, *, name="features", label_name="labels"):
-    """``[B, V, D]`` or ``[N, D]`` -> ``([V*B, D] view-major, labels [V*B], B, V)``."""
+def flatten_features(features: torch.Tensor, labels, *, name="features", label_name="labels", rows=True,
+                     allow_empty=False):
+    """``[B, V, D]`` or ``[N, D]`` -> ``([V*B, D] view-major (None unless rows), labels [V*B], B, V)``."""
     features = _check_features(name, features)
     if features.dim() == 3:
         b, v, d = features.shape
-        if b == 0 or v == 0 or d == 0:
+        if (b == 0 and not allow_empty) or v == 0 or d == 0:
             raise ValueError(f"{name} must have non-zero sizes, got shape {tuple(features.shape)}")
         if labels is None:
             labels = torch.arange(b, device=features.device)
         else:
             labels = _check_labels(label_name, labels, b, features.device, f"the batch size B of {name} [B, V, D]")
-        flat = features.transpose(0, 1).reshape(v * b, d)  # row v*B + b is view v of sample b
+        flat = flatten_rows(features) if rows else None  # row v*B + b is view v of sample b
         return flat, labels.repeat(v), b, v
     if features.dim() == 2:
         n, d = features.shape
-        if n == 0 or d == 0:
+        if (n == 0 and not allow_empty) or d == 0:
             raise ValueError(f"{name} must have non-zero sizes, got shape {tuple(features.shape)}")
         if labels is None:
             raise ValueError(
@@ -133,61 +106,90 @@ def flatten_features(features: torch.Tensor, labels, *, name="features", label_n
     raise ValueError(f"{name} must be [B, V, D] or [N, D], got {features.dim()}-D shape {tuple(features.shape)}")
 
 
-def prepare(
+@dataclass
+class Batch:
+    """A validated batch as the backends receive it.
+
+    ``features`` is the user's tensor (``[B, V, D]`` or ``[N, D]``, any float dtype); its rows
+    flattened view-major are the M batch rows (row ``v*B + b`` is view v of sample b) and
+    ``labels [M]`` their labels. ``ref [R, D]`` / ``ref_labels [R]`` are the extra contrast rows
+    (unlabelled ones get a label no batch row has). The anchors are the first
+    ``num_anchors`` batch rows.
+    """
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    ref: Optional[torch.Tensor]
+    ref_labels: Optional[torch.Tensor]
+    num_anchors: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """The batch rows ``[M, D]``, view-major (a copy for ``[B, V, D]`` input)."""
+        return flatten_rows(self.features)
+
+
+def flatten_rows(features: torch.Tensor) -> torch.Tensor:
+    """``[B, V, D]`` -> ``[V*B, D]`` view-major; ``[N, D]`` unchanged."""
+    if features.dim() == 3:
+        return features.transpose(0, 1).reshape(-1, features.shape[-1])
+    return features
+
+
+def unflatten_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`flatten_rows` for a tensor shaped like ``like``."""
+    if like.dim() == 3:
+        b, v, d = like.shape
+        return rows.reshape(v, b, d).transpose(0, 1).contiguous()
+    return rows
+
+
+def check_batch(
     features: torch.Tensor,
     labels=None,
     *,
     contrast_mode: str = "all",
-    normalize: bool = True,
     ref_features=None,
     ref_labels=None,
-) -> Problem:
-    """Validate, flatten view-major, cast to the compute dtype and L2-normalise.
-
-    The cast and the normalisation stay in the autograd graph, so gradients reach
-    ``features`` (and ``ref_features``) in their own dtype.
-    """
+    allow_empty: bool = False,
+) -> Batch:
+    """Validate the arguments of a loss and describe the batch; O(N) work, no copy of the features.
+    ``allow_empty``: a batch of no samples is valid (a rank's share of a distributed batch)."""
     check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
-    flat, y, b, _ = flatten_features(features, labels)
-    cdtype = compute_dtype(flat.dtype)
-    z = flat.to(cdtype)
-    if normalize:
-        z = F.normalize(z, dim=1, eps=1e-12)
+    features = _check_features("features", features)
+    _, y, b, _ = flatten_features(features, labels, rows=False, allow_empty=allow_empty)
     ref = ref_y = None
     if ref_features is not None:
         _check_features("ref_features", ref_features)
         if ref_features.dim() == 3:
+            given = ref_labels if ref_labels is not None else torch.zeros(ref_features.shape[0], dtype=torch.int64)
+            ref, ref_y, _, _ = flatten_features(ref_features, given, name="ref_features", label_name="ref_labels")
             if ref_labels is None:
-                ref_labels = torch.full((ref_features.shape[0],), -1, dtype=torch.int64)
-                ref_flat, _, _, _ = flatten_features(ref_features, ref_labels, name="ref_features")
                 ref_y = None
-            else:
-                ref_flat, ref_y, _, _ = flatten_features(
-                    ref_features, ref_labels, name="ref_features", label_name="ref_labels"
-                )
         elif ref_features.dim() == 2:
-            ref_flat = ref_features
+            ref = ref_features
+            if ref.shape[0] == 0:
+                raise ValueError("ref_features must have at least one row")
             if ref_labels is not None:
-                ref_y = _check_labels(
-                    "ref_labels", ref_labels, ref_flat.shape[0], flat.device, "the number of rows of ref_features"
-                )
+                ref_y = _check_labels("ref_labels", ref_labels, ref.shape[0], features.device,
+                                      "the number of rows of ref_features")
         else:
             raise ValueError(
                 f"ref_features must be [R, D] or [R, V, D], got {ref_features.dim()}-D shape {tuple(ref_features.shape)}"
             )
-        if ref_flat.shape[-1] != flat.shape[-1]:
-            raise ValueError(
-                f"ref_features has feature size {ref_flat.shape[-1]} but features has {flat.shape[-1]}"
-            )
-        if ref_flat.device != flat.device:
-            raise ValueError(f"ref_features is on {ref_flat.device} but features is on {flat.device}")
-        ref = ref_flat.to(cdtype)
-        if normalize:
-            ref = F.normalize(ref, dim=1, eps=1e-12)
+        if ref.shape[-1] != features.shape[-1]:
+            raise ValueError(f"ref_features has feature size {ref.shape[-1]} but features has {features.shape[-1]}")
+        if ref.device != features.device:
+            raise ValueError(f"ref_features is on {ref.device} but features is on {features.device}")
         if ref_y is None:
-            # Unlabelled extra rows are negatives of every anchor: give them a label no anchor has.
-            ref_y = torch.full((ref.shape[0],), int(y.max()) + 1, dtype=torch.int64, device=flat.device)
+            # unlabelled extra rows are negatives of every anchor: a label no batch row has
+            top = y.max() + 1 if y.numel() else torch.zeros((), dtype=torch.int64, device=features.device)
+            ref_y = top.expand(ref.shape[0]).contiguous()
     elif ref_labels is not None:
         raise ValueError("ref_labels was given without ref_features")
-    num_anchors = z.shape[0] if contrast_mode == "all" else b
-    return Problem(z=z, labels=y, ref=ref, ref_labels=ref_y, num_anchors=num_anchors, input_dtype=flat.dtype)
+    num_anchors = y.shape[0] if contrast_mode == "all" else b
+    return Batch(features, y, ref, ref_y, num_anchors)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from . import functional as FC
-from ._inputs import (
-    BACKENDS,
+from .backends import NAMES as BACKENDS
+from .inputs import (
     CONTRAST_MODES,
     REDUCTIONS,
     check_choice,
