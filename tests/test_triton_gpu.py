@@ -142,10 +142,10 @@ def test_extra_memory_is_linear(kind):
 @pytest.mark.parametrize("kind", LOSSES)
 def test_fixed_configuration_without_autotuner(kind, monkeypatch):
     """FASTCON_TRITON_AUTOTUNE=0 (bitwise reproducible across processes) still matches."""
-    import fastcon.triton_engine as triton_engine
+    from fastcon.backends.triton import launch
 
     monkeypatch.setenv("FASTCON_TRITON_AUTOTUNE", "0")
-    monkeypatch.setattr(triton_engine, "_tuned", {})
+    monkeypatch.setattr(launch, "_tuned", {})
     case = Case("odd", b=1001, v=2, d=77, labels=tuple(i % 13 for i in range(1001)))
     for dtype in DTYPES:
         assert_matches_reference(kind, case, backend="triton", dtype=dtype, reduction="none", device="cuda")

@@ -15,8 +15,9 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported", allow_module_level=True)
 
 import fastcon.functional as FC  # noqa: E402
-import fastcon.triton_engine as triton_engine  # noqa: E402
-from fastcon.spec import LossSpec  # noqa: E402
+from fastcon.backends.triton import engine as triton_engine  # noqa: E402
+from fastcon.backends.triton import launch, sides  # noqa: E402
+from fastcon.losses import FocalSupCon, SCHaNe, SupCon  # noqa: E402
 from tests.cases import LOSSES, Case, assert_matches_reference, cases_for, make_inputs, run_loss  # noqa: E402
 
 PARAMS = [(k, c) for k in LOSSES for c in cases_for(k)]
@@ -33,19 +34,19 @@ MULTI_TILE_REF = Case("v2_multi_tile_ref", b=21, v=2, d=19, labels=tuple(i % 4 f
 def kernels_really_run(monkeypatch):
     """Every test must launch the row-statistics kernel (float64 excepted: it runs blockwise)."""
     launches = []
-    original = triton_engine.row_stats
+    original = sides._stats_launch
 
     def counting(*args, **kwargs):
         launches.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(triton_engine, "row_stats", counting)
+    monkeypatch.setattr(sides, "_stats_launch", counting)
     yield launches
 
 
 def test_interpreter_is_on():
-    assert os.environ["TRITON_INTERPRET"] == "1" and triton_engine.TritonEngine.interpreter_enabled()
-    assert triton_engine._tile_args() == {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}
+    assert os.environ["TRITON_INTERPRET"] == "1" and launch.interpreter_enabled()
+    assert launch.tile_args("stats") == {"BM": 16, "BN": 16} == launch.tile_args("grad")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -59,7 +60,7 @@ def test_matches_reference_float32(kind, case, reduction, kernels_really_run):
 def test_two_sweep_backward(kind, case, monkeypatch):
     """The two-sweep backward (anchor blocks, then column blocks) on the cases where the
     default takes the one-sweep symmetric form, too."""
-    monkeypatch.setattr(triton_engine.TritonEngine, "symmetric_backward", False)
+    monkeypatch.setattr(triton_engine.TritonEngine, "symmetric_sweep", False)
     assert_matches_reference(kind, case, backend="triton", dtype=torch.float32, reduction="none")
 
 
@@ -83,7 +84,7 @@ def test_float64_runs_blockwise(kind, case, kernels_really_run):
 def test_multi_tile(kind, case, reduction, monkeypatch):
     assert_matches_reference(kind, case, backend="triton", dtype=torch.float32, reduction=reduction)
     if case is MULTI_TILE and reduction == "none":  # and the two-sweep backward
-        monkeypatch.setattr(triton_engine.TritonEngine, "symmetric_backward", False)
+        monkeypatch.setattr(triton_engine.TritonEngine, "symmetric_sweep", False)
         assert_matches_reference(kind, case, backend="triton", dtype=torch.float32, reduction=reduction)
 
 
@@ -91,9 +92,14 @@ def test_multi_tile(kind, case, reduction, monkeypatch):
     ("supcon", dict(temperature=0.02)),  # low temperature: the online max must keep exp finite
     ("schane", dict(beta=0.0)),  # SCHaNe's "easy" estimator (its own constexpr branch)
     ("schane", dict(beta=3.0, temperature=0.05)),
+    ("schane", dict(beta=1.0)),  # the default: one exp per element (BETA_ONE)
+    ("schane", dict(beta=-0.5)),  # negative beta: the shift of beta*s is beta times the min
+    ("schane", dict(beta=-1.5)),  # and so is the shift of (1+beta)*s
     ("focal", dict(gamma=0.0)),
+    ("focal", dict(gamma=1.0)),  # the default (GAMMA_ONE)
     ("focal", dict(gamma=0.5)),  # (1-p)^(gamma-1) is singular at p = 1
-], ids=["supcon-t0.02", "schane-beta0", "schane-beta3", "focal-gamma0", "focal-gamma0.5"])
+], ids=["supcon-t0.02", "schane-beta0", "schane-beta3", "schane-beta1", "schane-beta-0.5", "schane-beta-1.5",
+        "focal-gamma0", "focal-gamma1", "focal-gamma0.5"])
 def test_hyper_parameters(kind, overrides):
     for reduction in ("mean", "none"):
         assert_matches_reference(kind, MULTI_TILE, backend="triton", dtype=torch.float32, reduction=reduction,
@@ -145,18 +151,32 @@ class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+DEFINITIONS = {"supcon": SupCon(0.1, 0.1), "schane": SCHaNe(0.1, 0.5), "focal": FocalSupCon(0.1, 0.1, 1.0)}
+
+
 @pytest.mark.parametrize("kind", LOSSES)
 def test_host_never_allocates_n_by_n(kind):
     """The engine's host code creates nothing of size N x N (the kernels hold tiles only)."""
-    n, d = 128, 5
-    z = torch.nn.functional.normalize(torch.randn(n, d), dim=1)
+    n, d = 512, 5
+    x = torch.randn(n, d)
     labels = torch.arange(n) % 7
-    spec = LossSpec(kind, temperature=0.1, scale=1.0, beta=0.5 if kind == "schane" else 0.0,
-                    gamma=1.0 if kind == "focal" else 0.0)
     engine = triton_engine.TritonEngine(torch.float32)
+    definition = DEFINITIONS[kind]
     with _LargestTensor() as probe:
-        _, valid, saved, grad_z, _ = engine.forward(z, None, labels, None, n, spec, True, False)
-        engine.backward(z, None, labels, None, n, spec, saved, torch.rand(n), False)
-    assert grad_z.shape == (n, d) and valid.all()
-    # O(N * D): the interpreter copies kernel arguments as bytes (4 per float32 element)
-    assert probe.largest <= 8 * n * d < n * n // 3, f"largest tensor has {probe.largest} elements; N x N is {n * n}"
+        prep = engine.prepare(x, labels, None, None, n, True)
+        _, valid, stats, (grad, _) = engine.forward(prep, definition, True, False)
+        engine.backward(prep, definition, stats, torch.rand(n), False)
+    assert grad.shape == (n, d) and valid.all()
+    # O(N * D): the largest is the padded copy of the rows (D = 5 -> 16 columns), which the
+    # interpreter copies as bytes when it launches a kernel (4 per float32 element)
+    assert probe.largest <= 4 * n * 16 < n * n // 4, f"largest tensor has {probe.largest} elements; N x N is {n * n}"
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("case", [MULTI_TILE, MULTI_TILE_REF], ids=lambda c: c.name)
+@pytest.mark.parametrize("kind", LOSSES)
+def test_column_splits(kind, case, splits, monkeypatch):
+    """The second grid axis (column splits merged on the host in a fixed order) when own blocks are few."""
+    monkeypatch.setenv("FASTCON_TRITON_SPLITS", str(splits))
+    for reduction in ("mean", "none"):
+        assert_matches_reference(kind, case, backend="triton", dtype=torch.float32, reduction=reduction)

@@ -72,6 +72,8 @@ def _native(_dtype):
 
 
 def _triton(dtype):
+    if dtype == torch.float64:  # float64 has no tensor cores: the blockwise engine checks in float64
+        return _blockwise(dtype)
     from .triton.engine import TritonEngine
 
     return TritonEngine(dtype)

@@ -87,6 +87,7 @@ class LossDefinition:
     dense_slots: ClassVar[tuple]  # ((name, LSE | SUM), ...)
     positive_slots: ClassVar[tuple]
     param_slots: ClassVar[tuple]  # names of the gradient parameters
+    weight_params: ClassVar[tuple]  # those proportional to the anchor weights (G is linear in them)
     tile_temporaries: ClassVar[int]  # [rows, cols] float tensors the Python tile math holds at once
     positive_reads_dense: ClassVar[bool] = False  # the positive part needs the finished dense part
     temperature: float

@@ -44,6 +44,7 @@ class FocalSupCon(LossDefinition):
     dense_slots = (("lse_all", LSE),)
     positive_slots = (("sum_f", SUM), ("sum_fprime", SUM))
     tile_temporaries = 7  # [rows, cols] tensors the Python tile math holds at its peak
+    weight_params = ("coef", "coef_fsum")  # the parameters proportional to the anchor weights
     param_slots = ("lse_all", "coef", "coef_fsum")
     positive_reads_dense = True  # L = s - LSE_A(s) needs the whole row's log-sum-exp
 

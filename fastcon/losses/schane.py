@@ -32,6 +32,7 @@ class SCHaNe(LossDefinition):
     dense_slots = (("lse_neg_hard", LSE), ("lse_neg_weight", LSE))  # LSE_N((1+beta)s), LSE_N(beta s)
     positive_slots = (("lse_pos", LSE),)
     tile_temporaries = 7  # [rows, cols] tensors the Python tile math holds at its peak
+    weight_params = ("coef",)  # the parameters proportional to the anchor weights
     param_slots = ("lse_pos", "lse_neg_hard", "lse_neg_weight", "coef")
 
     def log_ratio(self, lse_pos, lse_neg_hard, lse_neg_weight, n_pos, n_neg):

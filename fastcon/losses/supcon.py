@@ -27,6 +27,7 @@ class SupCon(LossDefinition):
     dense_slots = (("lse_all", LSE),)
     positive_slots = (("sum_pos", SUM),)
     tile_temporaries = 4  # [rows, cols] tensors the Python tile math holds at its peak
+    weight_params = ("coef", "pos_coef")  # the parameters proportional to the anchor weights
     param_slots = ("lse_all", "coef", "pos_coef")
 
     @property

@@ -1,34 +1,20 @@
-"""Triton kernels of fastcon: one family for every loss, never an N x N tensor.
+"""Triton kernels of fastcon: the generic loops; the per-loss math is in :mod:`.tile_math`.
 
-Layout shared by every kernel:
+Layout (prepared by :mod:`.engine`): the contrast rows are normalised, cast to the dot
+dtype, padded with zeros to ``DP`` (a multiple of 16) and **sorted by class**, so the
+positives of a block of rows are one contiguous column range. A program owns ``BM`` rows
+("own" rows: anchors, or contrast columns in the contrast-side backward) and sweeps the
+"other" rows in ``BN`` tiles:
 
-- ``x [K, D]`` holds the contrast rows (``cat(z, ref)``) in the dot-product dtype
-  (float32, or bfloat16 / float16 for half-precision users); the anchors are its
-  first ``A`` rows, and anchor ``i`` is contrast column ``i`` ("self").
-- ``y [K]`` holds the labels (as int32 ranks); positive / negative masks are compared inside
-  the kernel, one ``[BLOCK_M, BLOCK_N]`` tile at a time.
-- A similarity tile ``s = x[rows] . x[cols]^T / t`` is built by a loop over D in
-  chunks of ``BLOCK_D`` with float32 accumulation, so any D works.
+- the **plain loop** runs over every tile that holds neither an own row's self column nor
+  the partial last tile: no mask, one ``tl.dot`` per tile, so the compiler pipelines it;
+- the **special loop** runs over the few others (the band that can hold self columns, and
+  the tail) with masks;
+- the **positive loop** runs over the block's class range ``[pos_lo, pos_hi)`` only.
 
-Per-loss differences are switched by the ``LOSS`` constexpr (``SUPCON``, ``SCHANE``,
-``FOCAL``); the masked log-sum-exps are streamed with the running-max trick.
-
-``row_stats_kernel`` (forward) writes per-anchor float32 statistics ``stats [5, A]``:
-
-    SupCon: lse_all, sum of s over P, |P|
-    SCHaNe: lse_P(s), lse_N((1+beta) s), lse_N(beta s), |P|, |N|
-    focal : lse_all, |P|, then (second launch, FOCAL_TERMS) sum_P f(L), sum_P f'(L)
-            with L = log p_ij, f(L) = (1 - e^L)^gamma L
-
-``grad_kernel`` (backward) recomputes each tile, turns it into ``G_ij = dl_i/ds_ij``
-(times the anchor's weight) from per-anchor parameters ``prm [5, A]`` prepared on the
-host from the statistics, and multiplies:
-
-    WRT_CONTRAST = False: d anchors  [A, D] = G   @ x / t   (program = block of anchors)
-    WRT_CONTRAST = True : d contrast [C, D] = G^T @ x[:A] / t (program = block of columns)
-
-Every output element is written by exactly one program, in a fixed loop order:
-the results are bitwise deterministic, without atomics.
+A second grid axis splits the plain/special range of columns (``num_splits``) when
+own blocks are few; the host merges the splits in a fixed order. No atomics: every output
+element is written by one program, so results are bitwise reproducible.
 """
 
 from __future__ import annotations
@@ -36,251 +22,232 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-SUPCON = tl.constexpr(0)
-SCHANE = tl.constexpr(1)
-FOCAL = tl.constexpr(2)
-
-NUM_STATS = 5  # rows of the per-anchor statistics and of the gradient parameters
+from . import tile_math as tm
+from .tiles import acc_dot, self_band, load_params, tile_qk, raw_rows, tile_ranges
 
 
 @triton.jit
-def _similarity_tile(x_ptr, rows, cols, row_ok, col_ok, D, inv_t,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """``s [BLOCK_M, BLOCK_N] = x[rows] . x[cols]^T / t`` with a float32 accumulator."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    row_base = rows.to(tl.int64) * D
-    col_base = cols.to(tl.int64) * D
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
-        a = tl.load(x_ptr + row_base[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        c = tl.load(x_ptr + col_base[:, None] + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = _dot(a, tl.trans(c), acc, DOT_PRECISION, UPCAST_DOT)
-    return acc * inv_t
+def stats_kernel(own_ptr, other_ptr, own_cls_ptr, other_cls_ptr, own_pos_ptr, pos_lo_ptr, pos_hi_ptr,
+                 dense_in_ptr, out_ptr, n_own, n_other, num_splits, c1, inv_t, beta, gamma,
+                 LOSS: tl.constexpr, WITH_DENSE: tl.constexpr, WITH_POSITIVE: tl.constexpr,
+                 HAS_SELF: tl.constexpr, SYMMETRIC: tl.constexpr, NUM_DENSE: tl.constexpr,
+                 BETA_ZERO: tl.constexpr, BETA_ONE: tl.constexpr, BETA_NEG: tl.constexpr,
+                 GAMMA_ZERO: tl.constexpr, GAMMA_ONE: tl.constexpr, DP: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                 size_key=0):
+    """Row statistics of ``BM`` own rows over the other rows (forward pass).
 
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """``acc + a @ b``. ``UPCAST_DOT`` multiplies half-precision operands in float32: the
-    CPU interpreter's bfloat16 ``tl.dot`` is wrong (the operands keep their rounding)."""
-    if UPCAST_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _online_lse(run_max, run_sum, x):
-    """Fold the rows of ``x`` (-inf where masked out) into a running ``(max, sum of exp(. - max))``."""
-    new_max = tl.maximum(run_max, tl.max(x, 1))
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # an empty row so far stays (-inf, 0)
-    run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
-    return new_max, run_sum
-
-
-@triton.jit
-def _focal_terms(s, lse, gamma, GAMMA_ZERO: tl.constexpr):
-    """For L = s - lse (log p; ``lse`` broadcasts against ``s``): ``(p, f(L), f'(L))``
-    with f(L) = (1 - e^L)^gamma L."""
-    log_p = s - lse
-    p = tl.exp(log_p)
-    # 1 - e^L without cancellation near L = 0 (p close to 1): a Taylor series of -expm1
-    series = -log_p * (1.0 + log_p * (0.5 + log_p * (1.0 / 6.0 + log_p * (1.0 / 24.0 + log_p * (1.0 / 120.0)))))
-    one_minus_p = tl.where(log_p > -0.1, series, 1.0 - p)
-    if GAMMA_ZERO:
-        weight = tl.full(s.shape, 1.0, tl.float32)
-        fprime = weight
-    else:
-        has_mass = one_minus_p > 0
-        log2_omp = tl.log2(tl.where(has_mass, one_minus_p, 1.0))
-        weight = tl.where(has_mass, tl.exp2(gamma * log2_omp), 0.0)
-        # f'(L) = (1-p)^gamma - gamma (1-p)^(gamma-1) p L
-        tail = tl.where(has_mass, gamma * tl.exp2((gamma - 1.0) * log2_omp) * p * log_p, 0.0)
-        fprime = weight - tail
-    return p, weight * log_p, fprime
-
-
-@triton.jit
-def row_stats_kernel(x_ptr, y_ptr, stats_ptr, A, K, D, inv_t,
-                     beta, gamma, K_BUCKET,
-                     LOSS: tl.constexpr, FOCAL_TERMS: tl.constexpr,
-                     BETA_ZERO: tl.constexpr, GAMMA_ZERO: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """Per-anchor statistics of one block of anchors (forward pass).
-
-    Grid: ``(cdiv(A, BLOCK_M),)``. Each program owns ``BLOCK_M`` anchors and sweeps the
-    K contrast columns in ``BLOCK_N`` tiles (tile ``s [BLOCK_M, BLOCK_N]`` in registers,
-    operand chunks ``[BLOCK_M | BLOCK_N, BLOCK_D]``). It keeps ``BLOCK_M``-vectors of
-    running maxima, sums and counts and writes ``stats [5, A]`` (float32; layout in the
-    module docstring). With ``FOCAL_TERMS`` it reads focal's ``lse_all`` (row 0) from
-    a first launch and writes the focal sums (rows 2 and 3). ``K_BUCKET`` only keys
-    the autotuner.
+    Grid ``(cdiv(n_own, BM), splits)``; the own tile ``[BM, DP]`` is loaded once and kept,
+    each other tile ``[BN, DP]`` is loaded once per iteration. Writes float32
+    ``out [splits, slots, n_own]``: the dense slots (``WITH_DENSE``), then the positive slots
+    (``WITH_POSITIVE``; a positive-only launch reads the finished dense slots from
+    ``dense_in [NUM_DENSE, n_own]``). Own row r's self column is ``own_pos[r]`` (``r`` when
+    ``SYMMETRIC``; none without ``HAS_SELF`` or where -1). ``size_key`` only keys the autotuner.
     """
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < A
-    y_row = tl.load(y_ptr + rows, mask=row_ok, other=0)
-    neg_inf = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    zero = tl.zeros((BLOCK_M,), tl.float32)
-    m_a, l_a = neg_inf, zero  # lse_all (SupCon, focal) or lse_P (SCHaNe)
-    m_b, l_b = neg_inf, zero  # lse_N((1+beta) s) (SCHaNe)
-    m_c, l_c = neg_inf, zero  # lse_N(beta s) (SCHaNe)
-    sum_pos, n_pos, n_neg = zero, zero, zero
-    loss_sum, fprime_sum = zero, zero
-    if FOCAL_TERMS:
-        lse_all = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-    for c0 in range(0, K, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < K
-        s = _similarity_tile(x_ptr, rows, cols, row_ok, col_ok, D, inv_t, BLOCK_M, BLOCK_N, BLOCK_D,
-                             DOT_PRECISION, UPCAST_DOT)
-        y_col = tl.load(y_ptr + cols, mask=col_ok, other=0)
-        same = y_row[:, None] == y_col[None, :]
-        in_contrast = col_ok[None, :] & (rows[:, None] != cols[None, :])  # A(i): every column but self
-        pos = in_contrast & same
-        if FOCAL_TERMS:
-            _, f, fprime = _focal_terms(s, lse_all[:, None], gamma, GAMMA_ZERO)
-            loss_sum += tl.sum(tl.where(pos, f, 0.0), 1)
-            fprime_sum += tl.sum(tl.where(pos, fprime, 0.0), 1)
+    row0 = tl.program_id(0) * BM
+    split = tl.program_id(1)
+    rows = row0 + tl.arange(0, BM)
+    row_ok = rows < n_own
+    d = tl.arange(0, DP)
+    own = tl.load(own_ptr + rows.to(tl.int64)[:, None] * DP + d[None, :], mask=row_ok[:, None], other=0.0)
+    cls_r = tl.load(own_cls_ptr + rows, mask=row_ok, other=-1)
+    if SYMMETRIC:
+        self_col = rows
+    elif HAS_SELF:
+        self_col = tl.load(own_pos_ptr + rows, mask=row_ok, other=-1)
+    else:
+        self_col = rows * 0 - 1
+    ninf = tl.full((BM,), float("-inf"), tl.float32)
+    zero = tl.zeros((BM,), tl.float32)
+    r0, r1, r2, r3 = ninf, zero, zero, tl.full((BM,), float("inf"), tl.float32)
+    n_slots = 0
+    if WITH_DENSE:
+        band_lo, band_hi = self_band(self_col, row0, n_own, BM, BN, HAS_SELF, SYMMETRIC)
+        n_plain, s0, blo, bw, n_special, slo, sw, tail = tile_ranges(n_other, split, num_splits, band_lo,
+                                                                      band_hi, BN)
+        for t in range(0, n_plain):
+            tile = s0 + t + tl.where(s0 + t >= blo, bw, 0)
+            cols = tile * BN + tl.arange(0, BN)
+            qk, _ = tile_qk(own, other_ptr, cols, cols < n_other, DP, DOT_PRECISION, UPCAST_DOT, False)
+            neg = qk == qk
+            if LOSS == tm.SCHANE:
+                neg = cls_r[:, None] != tl.load(other_cls_ptr + cols)[None, :]
+            r0, r1, r2, r3 = tm.dense_update(qk, neg, neg, c1, beta, r0, r1, r2, r3, LOSS, False,
+                                             BETA_ZERO, BETA_ONE, BETA_NEG)
+        for t in range(0, n_special):
+            tile = tl.where(t < sw, slo + t, tail)
+            cols = tile * BN + tl.arange(0, BN)
+            col_ok = cols < n_other
+            qk, _ = tile_qk(own, other_ptr, cols, col_ok, DP, DOT_PRECISION, UPCAST_DOT, True)
+            keep = col_ok[None, :] & (cols[None, :] != self_col[:, None])
+            cls_c = tl.load(other_cls_ptr + cols, mask=col_ok, other=-1)
+            neg = keep & (cls_r[:, None] != cls_c[None, :])
+            r0, r1, r2, r3 = tm.dense_update(qk, keep, neg, c1, beta, r0, r1, r2, r3, LOSS, True,
+                                             BETA_ZERO, BETA_ONE, BETA_NEG)
+        d0, d1 = tm.dense_finish(r0, r1, r2, r3, c1, beta, LOSS)
+        base = out_ptr + split * (NUM_DENSE + 2) * n_own
+        tl.store(base + rows, d0, mask=row_ok)
+        if NUM_DENSE == 2:
+            tl.store(base + n_own + rows, d1, mask=row_ok)
+        n_slots = NUM_DENSE
+    else:
+        d0 = tl.load(dense_in_ptr + rows, mask=row_ok, other=0.0)
+    if WITH_POSITIVE:
+        lse = tl.where(d0 == float("-inf"), 0.0, d0)[:, None]
+        lo = tl.load(pos_lo_ptr + row0)
+        hi = tl.load(pos_hi_ptr + tl.minimum(row0 + BM, n_own) - 1)
+        p0, p1, p2 = zero, zero, zero
+        if LOSS == tm.SCHANE:
+            p0 = ninf
+        for c0 in range(lo, hi, BN):
+            cols = c0 + tl.arange(0, BN)
+            col_ok = cols < hi
+            qk, _ = tile_qk(own, other_ptr, cols, col_ok, DP, DOT_PRECISION, UPCAST_DOT, True)
+            cls_c = tl.load(other_cls_ptr + cols, mask=col_ok, other=-1)
+            pos = col_ok[None, :] & (cls_r[:, None] == cls_c[None, :]) & (cols[None, :] != self_col[:, None])
+            p0, p1, p2 = tm.positive_update(qk, pos, inv_t, c1, lse, gamma, p0, p1, p2, LOSS, GAMMA_ZERO, GAMMA_ONE)
+        q0, q1 = tm.positive_finish(p0, p1, inv_t, c1, LOSS)
+        base = out_ptr + (split * (NUM_DENSE + 2) + n_slots) * n_own
+        tl.store(base + rows, q0, mask=row_ok)
+        if LOSS == tm.FOCAL:
+            tl.store(base + n_own + rows, q1, mask=row_ok)
+
+
+@triton.jit
+def _tile_grad(qk, c1, inv_t, beta, gamma, rq0, rq1, rq2, rq3, cols, col_ok, other_prm_ptr, n_other,
+               POSITIVE: tl.constexpr, LOSS: tl.constexpr, ROW_PARAMS: tl.constexpr, COL_PARAMS: tl.constexpr,
+               NUM_PARAMS: tl.constexpr, BETA_ZERO: tl.constexpr, BETA_ONE: tl.constexpr,
+               GAMMA_ZERO: tl.constexpr, GAMMA_ONE: tl.constexpr):
+    """``G`` of one tile before masks: rows' parameters give ``G_ij``, columns' give ``G_ji``."""
+    g = qk * 0.0
+    if ROW_PARAMS:
+        if POSITIVE:
+            g = tm.positive_grad(qk, inv_t, c1, gamma, rq0[:, None], rq1[:, None], rq2[:, None], rq3[:, None],
+                                 LOSS, GAMMA_ZERO, GAMMA_ONE)
         else:
-            n_pos += tl.sum(pos.to(tl.float32), 1)
-            if LOSS == SCHANE:
-                neg = col_ok[None, :] & (y_row[:, None] != y_col[None, :])
-                n_neg += tl.sum(neg.to(tl.float32), 1)
-                m_a, l_a = _online_lse(m_a, l_a, tl.where(pos, s, float("-inf")))
-                m_b, l_b = _online_lse(m_b, l_b, tl.where(neg, (1.0 + beta) * s, float("-inf")))
-                if not BETA_ZERO:
-                    m_c, l_c = _online_lse(m_c, l_c, tl.where(neg, beta * s, float("-inf")))
-            else:
-                m_a, l_a = _online_lse(m_a, l_a, tl.where(in_contrast, s, float("-inf")))
-                if LOSS == SUPCON:
-                    sum_pos += tl.sum(tl.where(pos, s, 0.0), 1)
-    if FOCAL_TERMS:
-        tl.store(stats_ptr + 2 * A + rows, loss_sum, mask=row_ok)
-        tl.store(stats_ptr + 3 * A + rows, fprime_sum, mask=row_ok)
-    else:
-        tl.store(stats_ptr + rows, m_a + tl.log(l_a), mask=row_ok)
-        if LOSS == SUPCON:
-            tl.store(stats_ptr + A + rows, sum_pos, mask=row_ok)
-            tl.store(stats_ptr + 2 * A + rows, n_pos, mask=row_ok)
-        elif LOSS == SCHANE:
-            tl.store(stats_ptr + A + rows, m_b + tl.log(l_b), mask=row_ok)
-            tl.store(stats_ptr + 2 * A + rows, m_c + tl.log(l_c), mask=row_ok)
-            tl.store(stats_ptr + 3 * A + rows, n_pos, mask=row_ok)
-            tl.store(stats_ptr + 4 * A + rows, n_neg, mask=row_ok)
+            g = tm.dense_grad(qk, c1, beta, rq0[:, None], rq1[:, None], rq2[:, None], rq3[:, None], LOSS,
+                              BETA_ZERO, BETA_ONE)
+    if COL_PARAMS:
+        q0, q1, q2, q3 = load_params(other_prm_ptr, cols, col_ok, n_other, NUM_PARAMS)
+        if POSITIVE:
+            g += tm.positive_grad(qk, inv_t, c1, gamma, q0[None, :], q1[None, :], q2[None, :], q3[None, :], LOSS,
+                                  GAMMA_ZERO, GAMMA_ONE)
         else:
-            tl.store(stats_ptr + A + rows, n_pos, mask=row_ok)
+            g += tm.dense_grad(qk, c1, beta, q0[None, :], q1[None, :], q2[None, :], q3[None, :], LOSS,
+                               BETA_ZERO, BETA_ONE)
+    return g
 
 
 @triton.jit
-def _gradient_tile(s, anchor, other, anchor_ok, other_ok, y_anchor, y_other, prm_ptr, A, beta, gamma,
-                   LOSS: tl.constexpr, BETA_ZERO: tl.constexpr, GAMMA_ZERO: tl.constexpr):
-    """``G = w_i dl_i/ds_ij`` of one tile from the anchors' parameters ``prm [5, A]``.
+def grad_kernel(own_ptr, other_ptr, own_cls_ptr, other_cls_ptr, own_pos_ptr, pos_lo_ptr, pos_hi_ptr,
+                own_prm_ptr, other_prm_ptr, n_own, n_other, num_splits, c1, inv_t, beta, gamma,
+                partial_ptr, inv_norm_ptr, out_off_ptr, ref_off_ptr, extra_ptr, extra_idx_ptr, scale_ptr,
+                out_ptr, feat_ptr, ref_out_ptr, ref_ptr,
+                LOSS: tl.constexpr, ROW_PARAMS: tl.constexpr, COL_PARAMS: tl.constexpr, NUM_PARAMS: tl.constexpr,
+                HAS_SELF: tl.constexpr, SYMMETRIC: tl.constexpr, BETA_ZERO: tl.constexpr, BETA_ONE: tl.constexpr,
+                GAMMA_ZERO: tl.constexpr, GAMMA_ONE: tl.constexpr, PARTIAL: tl.constexpr, NORMALIZE: tl.constexpr,
+                HAS_EXTRA: tl.constexpr, HAS_REF_OUT: tl.constexpr, DP: tl.constexpr, D: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                size_key=0):
+    """Feature gradients of ``BM`` own rows (backward pass): ``acc [BM, DP] = sum_tiles G @ other``.
 
-    The index arguments are broadcastable 2-D: ``anchor`` ``[BLOCK_M, 1]`` and ``other``
-    ``[1, BLOCK_N]`` give ``G_ij`` for the tile's rows as anchors; swapped, they give
-    ``G_ji`` (the transposed tile's values, from the columns' parameters), which the
-    symmetric backward needs. prm rows: SupCon (lse_all, -, -, c_i, c_i/|P|); SCHaNe
-    (lse_P, lse_N1, lse_Nb, c_i, -); focal (lse_all, -, -, c_i, c_i sum_P f'). ``c_i`` is
-    zero at invalid or zero-weight anchors, whose G is zero.
+    Grid ``(cdiv(n_own, BM), splits)``. ``G`` comes from the own rows' parameters
+    (``ROW_PARAMS``: the rows are anchors) and/or the other rows' (``COL_PARAMS``: the
+    other rows are anchors; both when every row is an anchor, which makes one sweep the
+    whole gradient ``(G + G^T) x / t``). Each other tile feeds both products. Epilogue:
+    ``PARTIAL`` stores ``acc / t * scale`` (float32) for the host to combine; otherwise it
+    adds ``extra[extra_idx]`` rows, applies the normalisation's backward (with the row
+    re-read from the user's tensor and normalised in float32) and stores in the output dtype
+    at the row's place in the user's tensor: element offset ``out_off`` in the features (or
+    ``ref_off`` in the ref rows; -1: not there). Outputs have the strides of the inputs, whose
+    last dimension is contiguous (so the stores are vectorised).
     """
-    lse_a = tl.load(prm_ptr + anchor, mask=anchor_ok, other=0.0)
-    coef = tl.load(prm_ptr + 3 * A + anchor, mask=anchor_ok, other=0.0)
-    same = y_anchor == y_other
-    in_contrast = other_ok & (anchor != other)
-    pos = in_contrast & same
-    if LOSS == SUPCON:
-        # scale w_i (softmax_A(s)_ij - [j in P(i)] / |P(i)|)
-        per_pos = tl.load(prm_ptr + 4 * A + anchor, mask=anchor_ok, other=0.0)
-        g = coef * tl.exp(s - lse_a) - tl.where(pos, per_pos, 0.0)
-    elif LOSS == SCHANE:
-        # sigmoid(u_i) w_i times: -softmax_P(s) on P, (1+b) softmax_N((1+b)s) - b softmax_N(b s) on N
-        lse_n1 = tl.load(prm_ptr + A + anchor, mask=anchor_ok, other=0.0)
-        g_neg = (1.0 + beta) * tl.exp((1.0 + beta) * s - lse_n1)
-        if not BETA_ZERO:
-            lse_nb = tl.load(prm_ptr + 2 * A + anchor, mask=anchor_ok, other=0.0)
-            g_neg -= beta * tl.exp(beta * s - lse_nb)
-        neg = other_ok & (y_anchor != y_other)
-        g = coef * tl.where(neg, g_neg, tl.where(pos, -tl.exp(s - lse_a), 0.0))
+    row0 = tl.program_id(0) * BM
+    split = tl.program_id(1)
+    rows = row0 + tl.arange(0, BM)
+    row_ok = rows < n_own
+    d = tl.arange(0, DP)
+    own = tl.load(own_ptr + rows.to(tl.int64)[:, None] * DP + d[None, :], mask=row_ok[:, None], other=0.0)
+    cls_r = tl.load(own_cls_ptr + rows, mask=row_ok, other=-1)
+    if SYMMETRIC:
+        self_col = rows
+    elif HAS_SELF:
+        self_col = tl.load(own_pos_ptr + rows, mask=row_ok, other=-1)
     else:
-        # -scale/K w_i ([j in P] f'(L_ij) - p_ij sum_P f'(L_i.))
-        coef_fsum = tl.load(prm_ptr + 4 * A + anchor, mask=anchor_ok, other=0.0)
-        p, _, fprime = _focal_terms(s, lse_a, gamma, GAMMA_ZERO)
-        g = coef * tl.where(pos, fprime, 0.0) - coef_fsum * p
-    active = in_contrast & (coef != 0.0)
-    return tl.where(active, g, 0.0)
-
-
-@triton.jit
-def grad_kernel(x_ptr, y_ptr, prm_ptr, out_ptr, anchor_grad_ptr, A, K, num_out, D, inv_t,
-                beta, gamma, K_BUCKET,
-                LOSS: tl.constexpr, WRT_CONTRAST: tl.constexpr, SYMMETRIC: tl.constexpr,
-                BETA_ZERO: tl.constexpr, GAMMA_ZERO: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_DO: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """Feature gradients of ``sum_i w_i l_i`` (backward pass), float32 ``out [num_out, D]``.
-
-    Grid: ``(cdiv(num_out, BLOCK_M or BLOCK_N), cdiv(D, BLOCK_DO))``. A program owns one
-    block of output rows and one ``BLOCK_DO`` chunk of D, keeps a float32 accumulator
-    ``[BLOCK_M | BLOCK_N, BLOCK_DO]`` and sweeps the other side of the similarity
-    matrix, recomputing each ``s [BLOCK_M, BLOCK_N]`` tile and its ``G`` tile(s).
-
-    ``WRT_CONTRAST = False``: outputs are anchors (``num_out = A``), ``out = G x / t``.
-    With ``SYMMETRIC`` (every contrast row is an anchor: ``A = K``) the same sweep
-    also adds ``G^T``: ``out = (G + G^T) x / t`` is the whole gradient, one sweep
-    instead of two. ``G^T``'s tile comes from the same ``s`` tile (``s`` is symmetric)
-    with the columns' parameters.
-    ``WRT_CONTRAST = True``: outputs are contrast columns (``num_out <= K``: columns
-    past ``num_out`` get no gradient), ``out = G^T x[:A] / t``, plus the anchor gradient
-    ``anchor_grad [A, D]`` for columns that are anchors, so the total gradient of z needs
-    no separate buffer and sum.
-    """
-    pid = tl.program_id(0)
-    offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    do_ok = offs_do < D
-    dot_dtype = x_ptr.dtype.element_ty
-    if WRT_CONTRAST:
-        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < K
-        y_col = tl.load(y_ptr + cols, mask=col_ok, other=0)
-        acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
-        for r0 in range(0, A, BLOCK_M):
-            rows = r0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < A
-            y_row = tl.load(y_ptr + rows, mask=row_ok, other=0)
-            s = _similarity_tile(x_ptr, rows, cols, row_ok, col_ok, D, inv_t,
-                                 BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST_DOT)
-            g = _gradient_tile(s, rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :],
-                               y_row[:, None], y_col[None, :], prm_ptr, A, beta, gamma,
-                               LOSS, BETA_ZERO, GAMMA_ZERO)
-            anchors = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + offs_do[None, :],
-                              mask=row_ok[:, None] & do_ok[None, :], other=0.0)
-            acc = _dot(tl.trans(g.to(dot_dtype)), anchors, acc, DOT_PRECISION, UPCAST_DOT)
-        out_ok = cols < num_out
-        col_offsets = cols.to(tl.int64)[:, None] * D + offs_do[None, :]
-        as_anchor = tl.load(anchor_grad_ptr + col_offsets, mask=(cols < A)[:, None] & do_ok[None, :], other=0.0)
-        tl.store(out_ptr + col_offsets, acc * inv_t + as_anchor, mask=out_ok[:, None] & do_ok[None, :])
+        self_col = rows * 0 - 1
+    rq0, rq1, rq2, rq3 = load_params(own_prm_ptr, rows, row_ok & ROW_PARAMS, n_own, NUM_PARAMS)
+    acc = tl.zeros((BM, DP), tl.float32)
+    band_lo, band_hi = self_band(self_col, row0, n_own, BM, BN, HAS_SELF, SYMMETRIC)
+    n_plain, s0, blo, bw, n_special, slo, sw, tail = tile_ranges(n_other, split, num_splits, band_lo, band_hi,
+                                                                  BN)
+    for t in range(0, n_plain):
+        tile = s0 + t + tl.where(s0 + t >= blo, bw, 0)
+        cols = tile * BN + tl.arange(0, BN)
+        qk, other = tile_qk(own, other_ptr, cols, cols < n_other, DP, DOT_PRECISION, UPCAST_DOT, False)
+        g = _tile_grad(qk, c1, inv_t, beta, gamma, rq0, rq1, rq2, rq3, cols, cols < n_other, other_prm_ptr, n_other,
+                       False, LOSS, ROW_PARAMS, COL_PARAMS, NUM_PARAMS, BETA_ZERO, BETA_ONE, GAMMA_ZERO, GAMMA_ONE)
+        if LOSS == tm.SCHANE:
+            g = tl.where(cls_r[:, None] != tl.load(other_cls_ptr + cols)[None, :], g, 0.0)
+        acc = acc_dot(g, other, acc, DOT_PRECISION, UPCAST_DOT)
+    for t in range(0, n_special):
+        tile = tl.where(t < sw, slo + t, tail)
+        cols = tile * BN + tl.arange(0, BN)
+        col_ok = cols < n_other
+        qk, other = tile_qk(own, other_ptr, cols, col_ok, DP, DOT_PRECISION, UPCAST_DOT, True)
+        g = _tile_grad(qk, c1, inv_t, beta, gamma, rq0, rq1, rq2, rq3, cols, col_ok, other_prm_ptr, n_other,
+                       False, LOSS, ROW_PARAMS, COL_PARAMS, NUM_PARAMS, BETA_ZERO, BETA_ONE, GAMMA_ZERO, GAMMA_ONE)
+        keep = col_ok[None, :] & (cols[None, :] != self_col[:, None])
+        if LOSS == tm.SCHANE:
+            keep = keep & (cls_r[:, None] != tl.load(other_cls_ptr + cols, mask=col_ok, other=-1)[None, :])
+        acc = acc_dot(tl.where(keep, g, 0.0), other, acc, DOT_PRECISION, UPCAST_DOT)
+    if split == 0:
+        lo = tl.load(pos_lo_ptr + row0)
+        hi = tl.load(pos_hi_ptr + tl.minimum(row0 + BM, n_own) - 1)
+        for c0 in range(lo, hi, BN // 2):  # narrower tiles: the positive part's math holds more registers
+            cols = c0 + tl.arange(0, BN // 2)
+            col_ok = cols < hi
+            qk, other = tile_qk(own, other_ptr, cols, col_ok, DP, DOT_PRECISION, UPCAST_DOT, True)
+            g = _tile_grad(qk, c1, inv_t, beta, gamma, rq0, rq1, rq2, rq3, cols, col_ok, other_prm_ptr, n_other,
+                           True, LOSS, ROW_PARAMS, COL_PARAMS, NUM_PARAMS, BETA_ZERO, BETA_ONE, GAMMA_ZERO, GAMMA_ONE)
+            if LOSS != tm.SCHANE:
+                # The dense loops added the dense part of these positives rounded to the rows'
+                # dtype; it nearly cancels the positive part (p_ij ~ 1/|P|), so the rounding
+                # error is added back here, in a float32 product: positives are exact.
+                gd = _tile_grad(qk, c1, inv_t, beta, gamma, rq0, rq1, rq2, rq3, cols, col_ok, other_prm_ptr, n_other,
+                                False, LOSS, ROW_PARAMS, COL_PARAMS, NUM_PARAMS, BETA_ZERO, BETA_ONE, GAMMA_ZERO,
+                                GAMMA_ONE)
+                g += gd - gd.to(other.dtype).to(tl.float32)
+            cls_c = tl.load(other_cls_ptr + cols, mask=col_ok, other=-1)
+            pos = col_ok[None, :] & (cls_r[:, None] == cls_c[None, :]) & (cols[None, :] != self_col[:, None])
+            acc = tl.dot(tl.where(pos, g, 0.0), other.to(tl.float32), acc,
+                         input_precision="ieee" if UPCAST_DOT else DOT_PRECISION)
+    g = acc * (inv_t * tl.load(scale_ptr))
+    if PARTIAL:
+        tl.store(partial_ptr + (split * n_own + rows.to(tl.int64))[:, None] * DP + d[None, :], g,
+                 mask=row_ok[:, None])
     else:
-        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < A
-        y_row = tl.load(y_ptr + rows, mask=row_ok, other=0)
-        acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
-        for c0 in range(0, K, BLOCK_N):
-            cols = c0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < K
-            y_col = tl.load(y_ptr + cols, mask=col_ok, other=0)
-            s = _similarity_tile(x_ptr, rows, cols, row_ok, col_ok, D, inv_t,
-                                 BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST_DOT)
-            g = _gradient_tile(s, rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :],
-                               y_row[:, None], y_col[None, :], prm_ptr, A, beta, gamma,
-                               LOSS, BETA_ZERO, GAMMA_ZERO)
-            if SYMMETRIC:
-                g += _gradient_tile(s, cols[None, :], rows[:, None], col_ok[None, :], row_ok[:, None],
-                                    y_col[None, :], y_row[:, None], prm_ptr, A, beta, gamma,
-                                    LOSS, BETA_ZERO, GAMMA_ZERO)
-            contrast = tl.load(x_ptr + cols.to(tl.int64)[:, None] * D + offs_do[None, :],
-                               mask=col_ok[:, None] & do_ok[None, :], other=0.0)
-            acc = _dot(g.to(dot_dtype), contrast, acc, DOT_PRECISION, UPCAST_DOT)
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + offs_do[None, :], acc * inv_t,
-                 mask=row_ok[:, None] & do_ok[None, :])
+        if HAS_EXTRA:
+            e = tl.load(extra_idx_ptr + rows, mask=row_ok, other=-1)
+            g += tl.load(extra_ptr + e.to(tl.int64)[:, None] * DP + d[None, :], mask=(e >= 0)[:, None], other=0.0)
+        d_ok = (d < D)[None, :]
+        off = tl.load(out_off_ptr + rows, mask=row_ok, other=-1)
+        at = off[:, None] + d[None, :]
+        in_batch = (off >= 0)[:, None] & d_ok
+        ref_at, in_ref = at, in_batch
+        if HAS_REF_OUT:
+            ref_off = tl.load(ref_off_ptr + rows, mask=row_ok, other=-1)
+            ref_at = ref_off[:, None] + d[None, :]
+            in_ref = (ref_off >= 0)[:, None] & d_ok
+        if NORMALIZE:
+            # the raw row is read twice (it stays in the cache) so that it is never held
+            # beside the accumulator for long: d raw = (g - (g . z) z) / |x| with z = x / |x|
+            inv = tl.load(inv_norm_ptr + rows, mask=row_ok, other=0.0)
+            radial = tl.sum(g * raw_rows(feat_ptr, ref_ptr, at, ref_at, in_batch, in_ref, HAS_REF_OUT), 1)
+            radial = radial * inv * inv * inv  # (g . x) / |x|^3
+            g = g * inv[:, None] - radial[:, None] * raw_rows(feat_ptr, ref_ptr, at, ref_at, in_batch, in_ref,
+                                                               HAS_REF_OUT)
+        tl.store(out_ptr + at, g.to(out_ptr.dtype.element_ty), mask=in_batch)
+        if HAS_REF_OUT:
+            tl.store(ref_out_ptr + ref_at, g.to(ref_out_ptr.dtype.element_ty), mask=in_ref)
+
+

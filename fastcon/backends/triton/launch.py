@@ -1,0 +1,112 @@
+"""Launching the Triton kernels: tile configurations, the autotuner, the grid and the
+split of the column range, with no host synchronisation.
+
+Configurations: one fixed configuration per kernel under ``FASTCON_TRITON_AUTOTUNE=0``
+(bitwise identical results across processes), otherwise a short autotuned list (every entry
+compiles without spills for D up to 256 on sm_80 and sm_90: ``benchmarks/triton_static.py``).
+The autotuner keys on everything that changes the best configuration: a bucket of the two
+sizes, the padded feature size, the loss and every constexpr flag (dtypes are keyed by Triton).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+
+from . import kernels
+
+MAX_DP = 256  # widest padded feature size the kernels hold in one tile
+STATS_CONFIGS = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3))
+GRAD_CONFIGS = ((64, 64, 4, 2), (64, 32, 4, 3), (64, 128, 4, 2))
+FIXED = {"stats": (128, 64, 8, 3), "grad": (64, 64, 4, 2)}  # (BM, BN, warps, stages)
+_FLAGS = ["LOSS", "HAS_SELF", "SYMMETRIC", "BETA_ZERO", "BETA_ONE", "GAMMA_ZERO", "GAMMA_ONE", "DP", "DOT_PRECISION"]
+KEYS = {
+    "stats": ["size_key", "WITH_DENSE", "WITH_POSITIVE", "NUM_DENSE", "BETA_NEG"] + _FLAGS,
+    "grad": ["size_key", "ROW_PARAMS", "COL_PARAMS", "NUM_PARAMS", "PARTIAL", "NORMALIZE", "HAS_EXTRA",
+             "HAS_REF_OUT"] + _FLAGS,
+}
+_tuned = {}
+
+
+def interpreter_enabled() -> bool:
+    """Whether the kernels run on Triton's CPU interpreter (TRITON_INTERPRET=1 was set when they
+    were defined; setting it later changes nothing, so the kernels' type is asked)."""
+    return type(kernels.stats_kernel).__name__ == "InterpretedFunction"
+
+
+def _autotune() -> bool:
+    return not interpreter_enabled() and os.environ.get("FASTCON_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _config(shape):
+    bm, bn, warps, stages = shape
+    return triton.Config({"BM": bm, "BN": bn}, num_warps=warps, num_stages=stages)
+
+
+def kernel(name: str):
+    """``stats`` or ``grad``, wrapped in the autotuner on a GPU."""
+    if name not in _tuned:
+        fn = getattr(kernels, f"{name}_kernel")
+        if _autotune():
+            configs = STATS_CONFIGS if name == "stats" else GRAD_CONFIGS
+            fn = triton.autotune(configs=[_config(c) for c in configs], key=KEYS[name])(fn)
+        _tuned[name] = fn
+    return _tuned[name]
+
+
+def tile_args(name: str) -> dict:
+    """Launch arguments the autotuner would otherwise choose."""
+    if interpreter_enabled():
+        t = int(os.environ.get("FASTCON_TRITON_TILE", "16"))
+        return {"BM": t, "BN": t}
+    if _autotune():
+        return {}
+    bm, bn, warps, stages = FIXED[name]
+    return {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages}
+
+
+def size_key(n_own: int, n_other: int) -> int:
+    """Power-of-two buckets of the sizes: a new batch size reuses its bucket's tuning."""
+    return 64 * max(0, math.ceil(math.log2(max(n_own, 1)))) + max(0, math.ceil(math.log2(max(n_other, 1))))
+
+
+def num_splits(n_own: int, n_other: int, device: torch.device) -> int:
+    """Column splits (the second grid axis) so that few own blocks still fill the GPU."""
+    if interpreter_enabled():
+        return int(os.environ.get("FASTCON_TRITON_SPLITS", "1"))
+    sms = _sm_count(device)
+    blocks = triton.cdiv(max(n_own, 1), 128)
+    if blocks >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, blocks), triton.cdiv(n_other, 64) // 4, 64))
+
+
+_SMS = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+def dot_flags(dot_dtype: torch.dtype) -> dict:
+    """float32 rows are multiplied exactly (no TF32); half rows on tensor cores (float32 sums)."""
+    exact = dot_dtype == torch.float32
+    return {"DOT_PRECISION": "ieee" if exact else "tf32", "UPCAST_DOT": interpreter_enabled() and not exact}
+
+
+def loss_flags(definition) -> dict:
+    k = definition.kernel_scalars()
+    return {"LOSS": definition.kernel_id, "BETA_ZERO": k["beta"] == 0.0, "BETA_ONE": k["beta"] == 1.0,
+            "GAMMA_ZERO": k["gamma"] == 0.0, "GAMMA_ONE": k["gamma"] == 1.0}
+
+
+def padded_dim(d: int) -> int:
+    """Feature size padded to a power of two of at least 16: a multiple of 16 (aligned rows, whole
+    tensor-core steps) that Triton tiles can take whole."""
+    return max(16, triton.next_power_of_2(d))

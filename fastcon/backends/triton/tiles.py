@@ -1,0 +1,121 @@
+"""The pieces the Triton kernels share: the row preparation kernel, loading and multiplying
+one tile, the ranges of plain and special tiles, and loading the gradient parameters.
+(The loops are in :mod:`.kernels`, the per-loss math in :mod:`.tile_math`.)"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def prep_rows_kernel(feat_ptr, ref_ptr, order_ptr, x_ptr, inv_ptr, K, M, B, D,
+                     stride_b, stride_v, stride_d, stride_r, stride_rd,
+                     NORMALIZE: tl.constexpr, HAS_REF: tl.constexpr, BLOCK_R: tl.constexpr, DP: tl.constexpr,
+                     BLOCK_DP: tl.constexpr):
+    """Row ``p`` of ``x [K, DP]`` is flat row ``order[p]`` (view-major ``v*B + b`` below M,
+    ``ref[r - M]`` above), normalised (float32 math), cast to ``x``'s dtype, zero-padded;
+    ``inv_norm[p] = 1 / max(|row|, 1e-12)``. Grid: ``cdiv(K, BLOCK_R)``."""
+    p = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = p < K
+    r = tl.load(order_ptr + p, mask=ok, other=0).to(tl.int64)
+    d = tl.arange(0, BLOCK_DP)
+    d_ok = d < D
+    is_batch = r < M
+    src = feat_ptr + (r % B)[:, None] * stride_b + (r // B)[:, None] * stride_v + d[None, :] * stride_d
+    v = tl.load(src, mask=(ok & is_batch)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    if HAS_REF:
+        rsrc = ref_ptr + (r - M)[:, None] * stride_r + d[None, :] * stride_rd
+        v += tl.load(rsrc, mask=(ok & ~is_batch)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    inv = tl.full((BLOCK_R,), 1.0, tl.float32)
+    if NORMALIZE:
+        inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(v * v, 1)), 1e-12)
+        v = v * inv[:, None]
+    tl.store(x_ptr + p.to(tl.int64)[:, None] * DP + d[None, :], v.to(x_ptr.dtype.element_ty),
+             mask=ok[:, None] & (d < DP)[None, :])
+    tl.store(inv_ptr + p, inv, mask=ok)
+
+
+@triton.jit
+def dot_t(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``a @ b^T`` with float32 accumulation. ``UPCAST_DOT`` (CPU interpreter only) multiplies
+    half-precision operands in float32, since the interpreter's half ``tl.dot`` is not exact."""
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+    return tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def tile_qk(own, other_ptr, cols, col_ok, DP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        MASK_LOAD: tl.constexpr):
+    """One tile of raw dot products ``own [BM, DP] . other[cols]^T`` and the other rows."""
+    d = tl.arange(0, DP)
+    ptrs = other_ptr + cols.to(tl.int64)[:, None] * DP + d[None, :]
+    if MASK_LOAD:
+        other = tl.load(ptrs, mask=col_ok[:, None], other=0.0)
+    else:
+        other = tl.load(ptrs)
+    return dot_t(own, other, DOT_PRECISION, UPCAST_DOT), other
+
+
+@triton.jit
+def self_band(self_col, row0, n_own, BM: tl.constexpr, BN: tl.constexpr, HAS_SELF: tl.constexpr,
+          SYMMETRIC: tl.constexpr):
+    """Tiles ``[lo, hi)`` that may hold a self column of this block's rows (-1: none)."""
+    if not HAS_SELF:
+        return 0, 0
+    if SYMMETRIC:
+        return row0 // BN, (tl.minimum(row0 + BM, n_own) - 1) // BN + 1
+    lo = tl.min(tl.where(self_col >= 0, self_col, 2147483647), 0)
+    hi = tl.max(self_col, 0)
+    return tl.where(hi >= 0, lo // BN, 0), tl.where(hi >= 0, hi // BN + 1, 0)
+
+
+@triton.jit
+def tile_ranges(n_other, split, num_splits, band_lo, band_hi, BN: tl.constexpr):
+    """This split's plain tiles (count, first, band start and width inside them) and its
+    special tiles (count, band start, number of band tiles, the tail tile or -1)."""
+    n_tiles = tl.cdiv(n_other, BN)
+    tiles_per_split = tl.cdiv(n_tiles, num_splits)
+    full = n_other // BN
+    s0 = split * tiles_per_split
+    s1 = tl.minimum(s0 + tiles_per_split, n_tiles)
+    e = tl.minimum(s1, full)
+    blo = tl.minimum(tl.maximum(band_lo, s0), tl.maximum(e, s0))
+    bhi = tl.minimum(tl.maximum(band_hi, s0), tl.maximum(e, s0))
+    n_plain = tl.maximum(e - s0, 0) - (bhi - blo)
+    slo = tl.minimum(tl.maximum(band_lo, s0), s1)
+    shi = tl.minimum(tl.maximum(band_hi, s0), s1)
+    tail = tl.where((full < n_tiles) & (full >= s0) & (full < s1) & ((full < slo) | (full >= shi)), full, -1)
+    n_special = (shi - slo) + tl.where(tail >= 0, 1, 0)
+    return n_plain, s0, blo, bhi - blo, n_special, slo, shi - slo, tail
+
+
+@triton.jit
+def load_params(prm_ptr, idx, ok, n, NUM_PARAMS: tl.constexpr):
+    """The gradient parameters ``prm [NUM_PARAMS, n]`` of rows ``idx`` (0 beyond ``NUM_PARAMS``)."""
+    q0 = tl.load(prm_ptr + idx, mask=ok, other=0.0)
+    q1 = tl.load(prm_ptr + n + idx, mask=ok, other=0.0)
+    q2 = tl.load(prm_ptr + 2 * n + idx, mask=ok, other=0.0)
+    q3 = q2 * 0.0
+    if NUM_PARAMS > 3:
+        q3 = tl.load(prm_ptr + 3 * n + idx, mask=ok, other=0.0)
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def raw_rows(feat_ptr, ref_ptr, at, ref_at, in_batch, in_ref, HAS_REF_OUT: tl.constexpr):
+    """The user's raw rows (batch rows, or ref rows), float32."""
+    x = tl.load(feat_ptr + at, mask=in_batch, other=0.0).to(tl.float32)
+    if HAS_REF_OUT:
+        x += tl.load(ref_ptr + ref_at, mask=in_ref, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def acc_dot(g, other, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``acc + G @ other`` with ``G`` rounded to the rows' dtype, as the tensor cores see it
+    (the interpreter rounds it too, then multiplies in float32)."""
+    if UPCAST_DOT:
+        return tl.dot(g.to(other.dtype).to(tl.float32), other.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(g.to(other.dtype), other, acc, input_precision=DOT_PRECISION)
