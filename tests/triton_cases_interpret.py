@@ -180,3 +180,59 @@ def test_column_splits(kind, case, splits, monkeypatch):
     monkeypatch.setenv("FASTCON_TRITON_SPLITS", str(splits))
     for reduction in ("mean", "none"):
         assert_matches_reference(kind, case, backend="triton", dtype=torch.float32, reduction=reduction)
+
+
+@pytest.mark.parametrize("kind", ["supcon", "schane"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_fullgraph_matches_eager(kind, reduction, kernels_really_run):
+    """torch.compile(fullgraph=True) of a model plus the loss on the Triton backend: no graph
+    break, the eager loss and parameter gradients."""
+    loss_fn = {"supcon": FC.supcon_loss, "schane": FC.schane_loss}[kind]
+    y = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 0])
+
+    def step(compiled):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(10, 2 * 19)
+        x = torch.randn(9, 10)
+
+        def f(x):
+            return loss_fn(model(x).view(9, 2, 19), y, backend="triton", reduction=reduction).sum()
+
+        if compiled:
+            torch._dynamo.reset()
+            f = torch.compile(f, fullgraph=True)
+        out = f(x)
+        out.backward()
+        return out.detach(), model.weight.grad.clone()
+
+    eager, compiled = step(False), step(True)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-5, atol=1e-6)
+    assert len(kernels_really_run) >= 2
+
+
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_opcheck_triton_operators(with_ref):
+    from fastcon.backends import ops
+
+    reduced, rows = ops.OPS["triton"]
+    torch.manual_seed(3)
+    feats = torch.randn(10, 6, requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 1, 0, 2, 3])
+    ref = torch.randn(4, 6, requires_grad=True) if with_ref else None
+    ref_labels = torch.tensor([1, 3, 4, 0]) if with_ref else None
+    args = (feats, labels, ref, ref_labels, "supcon", [0.1, 0.07], 10, True)
+    torch.library.opcheck(reduced, args + (True, True, with_ref), atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(rows, args, atol=1e-5, rtol=1e-5)
+    _, valid, stats = rows(*args)
+    plain = (feats.detach(), labels, None if ref is None else ref.detach()) + args[3:]
+    torch.library.opcheck(torch.ops.fastcon.triton_rows_backward,
+                          plain + (stats, valid, torch.linspace(0.1, 1.0, 10), True, with_ref), atol=1e-5, rtol=1e-5)
+
+
+def test_second_order_raises_naming_reference():
+    x = torch.randn(6, 2, 8, requires_grad=True)
+    loss = FC.supcon_loss(x, torch.tensor([0, 1, 0, 1, 2, 2]), backend="triton")
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="'triton' backend computes first derivatives only.*backend='reference'"):
+        g.pow(2).sum().backward()

@@ -51,12 +51,17 @@ def _native_check() -> Optional[str]:
     return None if native.is_available() else f"the compiled CPU kernel is not loaded: {native.import_error()}"
 
 
+_TRITON_STATUS: list = []  # [None or why not], filled on first use (torch.compile traces the read)
+
+
 def _triton_check() -> Optional[str]:
-    try:
-        importlib.import_module("fastcon.backends.triton.engine")
-    except Exception as exc:  # noqa: BLE001 - triton missing or too old: say why
-        return f"triton cannot be imported: {type(exc).__name__}: {exc}"
-    return None
+    if not _TRITON_STATUS:
+        try:
+            importlib.import_module("fastcon.backends.triton.engine")
+            _TRITON_STATUS.append(None)
+        except Exception as exc:  # noqa: BLE001 - triton missing or too old: say why
+            _TRITON_STATUS.append(f"triton cannot be imported: {type(exc).__name__}: {exc}")
+    return _TRITON_STATUS[0]
 
 
 def _blockwise(_dtype):
