@@ -34,7 +34,7 @@
 #include <tuple>
 #include <vector>
 
-#include "kernels/tile_math_api.h"
+#include "tile_math_api.h"
 
 namespace fastcon {
 namespace {

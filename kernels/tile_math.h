@@ -15,7 +15,7 @@
 #include <cstring>
 #include <limits>
 
-#include "kernels/tile_math_api.h"
+#include "tile_math_api.h"
 
 namespace fastcon {
 namespace FASTCON_ISA {

@@ -1,6 +1,6 @@
 // The tile math built for the avx2 instruction set (AVX2 + FMA; only called where the CPU has them).
 #define FASTCON_ISA avx2
-#include "kernels/tile_math.h"
+#include "tile_math.h"
 
 namespace fastcon {
 namespace avx2 {

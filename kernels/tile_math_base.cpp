@@ -1,6 +1,6 @@
 // The tile math built for the base instruction set.
 #define FASTCON_ISA base
-#include "kernels/tile_math.h"
+#include "tile_math.h"
 
 namespace fastcon {
 namespace base {

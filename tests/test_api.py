@@ -1,4 +1,4 @@
-"""Public API: modules, CLCE, SPEC.md edge cases, bad input, gradcheck, numerics."""
+"""Public API: modules, CLCE, docs/semantics.md edge cases, bad input, gradcheck, numerics."""
 
 import math
 
@@ -67,7 +67,7 @@ def test_clce_gradients_match_reference():
         torch.testing.assert_close(g[1], grads[0][1], rtol=1e-12, atol=1e-12)
 
 
-# --- SPEC.md edge cases ---------------------------------------------------------------
+# --- docs/semantics.md edge cases ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -1,4 +1,4 @@
-"""The dense reference against SPEC.md's formulas written as explicit Python loops."""
+"""The dense reference against docs/semantics.md's formulas written as explicit Python loops."""
 
 import math
 

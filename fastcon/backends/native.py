@@ -1,9 +1,11 @@
-"""Loader and engine of the optional compiled CPU kernel (built from ``kernels/``).
+"""Loader and engine of the compiled CPU kernel (sources in ``kernels/``).
 
-Build it with ``cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j2``
-from the repository root; the library lands in ``fastcon/libfastcon_native.so``. The
-environment variable ``FASTCON_NATIVE_LIB`` points at a library elsewhere. Without the
-library fastcon works as before (``backend="auto"`` falls back to the blockwise path).
+The library is looked for, in order: ``$FASTCON_NATIVE_LIB`` (only there, when set);
+``fastcon/libfastcon_native.so`` and ``build/libfastcon_native.so`` (a CMake build:
+``cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j2``); the build
+cache, where :mod:`.build` compiles it on first use against the running torch. Without it
+fastcon works as before (``backend="auto"`` falls back to the blockwise path) and
+:func:`import_error` says why.
 """
 
 from __future__ import annotations
@@ -14,16 +16,16 @@ from typing import Optional
 
 import torch
 
+from .build import LIBRARY_NAME, build_native
 from .common import Engine
-
-LIBRARY_NAME = "libfastcon_native.so"
 
 _loaded: Optional[bool] = None
 _error = ""
+_location: Optional[Path] = None
 
 
 def library_candidates() -> list:
-    """Where the library is looked for, in order."""
+    """Prebuilt libraries looked for before the build cache, in order."""
     env = os.environ.get("FASTCON_NATIVE_LIB")
     if env:
         return [Path(env)]
@@ -31,30 +33,45 @@ def library_candidates() -> list:
     return [package / LIBRARY_NAME, package.parent / "build" / LIBRARY_NAME]
 
 
-def _load() -> bool:
-    global _loaded, _error
-    if _loaded is not None:
-        return _loaded
-    candidates = library_candidates()
-    found = [p for p in candidates if p.is_file()]
-    if not found:
-        _error = "no compiled library at " + ", ".join(str(p) for p in candidates)
-        _loaded = False
-        return False
+def _try_load(path: Path) -> str:
+    """"" when ``path`` loads and registers the ops, else why not."""
     try:
-        torch.ops.load_library(str(found[0]))
+        torch.ops.load_library(str(path))
         torch.ops.fastcon_native.stats  # noqa: B018 - the ops must be registered
         torch.ops.fastcon_native.grads  # noqa: B018
     except (OSError, RuntimeError, AttributeError) as exc:
-        _error = f"{found[0]}: {exc}"
-        _loaded = False
-        return False
-    _loaded = True
-    return True
+        return f"{path}: {exc}"
+    return ""
+
+
+def _load() -> bool:
+    global _loaded, _error, _location
+    if _loaded is not None:
+        return _loaded
+    errors = []
+    candidates = library_candidates()
+    paths = [p for p in candidates if p.is_file()]
+    if os.environ.get("FASTCON_NATIVE_LIB") and not paths:
+        errors.append(f"FASTCON_NATIVE_LIB={candidates[0]} does not exist")
+    for path in paths:
+        error = _try_load(path)
+        if not error:
+            _loaded, _error, _location = True, "", path
+            return True
+        errors.append(error)
+    if not os.environ.get("FASTCON_NATIVE_LIB"):
+        built, why = build_native()
+        error = _try_load(built) if built is not None else why
+        if not error:
+            _loaded, _error, _location = True, "", built
+            return True
+        errors.append(error)
+    _loaded, _error = False, "; ".join(errors)
+    return False
 
 
 def is_available() -> bool:
-    """Whether the compiled kernel is built and loads."""
+    """Whether the compiled kernel is built (or could be built now) and loads."""
     return _load()
 
 
@@ -62,6 +79,12 @@ def import_error() -> str:
     """Why the compiled kernel is unavailable ("" when it is available)."""
     _load()
     return _error
+
+
+def location() -> Optional[Path]:
+    """The library that was loaded (``None`` when unavailable)."""
+    _load()
+    return _location
 
 
 def _op(name: str):

@@ -1,6 +1,6 @@
 """Dense reference backend: the definition every fast path is tested against.
 
-It builds the full ``A x K`` similarity matrix and SPEC.md's masks and evaluates each
+It builds the full ``A x K`` similarity matrix and docs/semantics.md's masks and evaluates each
 loss's dense form (:meth:`~fastcon.losses.base.LossDefinition.dense_rows`, written like
 docs/semantics.md), differentiated by autograd, second derivatives included. It is
 meant to be read, not to be fast: memory is O(N^2).
@@ -43,7 +43,7 @@ def row_losses(batch: Batch, definition, normalize: bool = True):
 
 
 def reduce_rows(loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
-    """SPEC.md's reductions: mean over valid anchors, sum, or the per-anchor vector."""
+    """docs/semantics.md's reductions: mean over valid anchors, sum, or the per-anchor vector."""
     if reduction == "none":
         return loss
     total = loss.sum()

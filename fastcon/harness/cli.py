@@ -83,7 +83,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--linear-epochs", type=int, default=50, help="supcon stage 2: epochs of the linear classifier")
     g.add_argument("--linear-lr", type=float, default=1e-2, help="supcon stage 2: learning rate")
 
-    g = p.add_argument_group("loss hyper-parameters (defaults from SPEC.md)")
+    g = p.add_argument_group("loss hyper-parameters (defaults from docs/semantics.md)")
     g.add_argument("--temperature", type=float, default=0.07, help="t of every contrastive loss")
     g.add_argument("--base-temperature", type=float, default=0.07, help="t_base of supcon and core (focal)")
     g.add_argument("--beta", type=float, default=1.0, help="SCHaNe / CLCE hard-negative concentration")

@@ -1,10 +1,10 @@
 """The contract between one loss's math and every backend.
 
-A loss of SPEC.md is a sum over anchors of ``f(row statistics)``. Its definition
+A loss of docs/semantics.md is a sum over anchors of ``f(row statistics)``. Its definition
 (:class:`LossDefinition`, one file per loss in this package) holds, in one place:
 
 - its hyper-parameters (the dataclass fields) and the dense form of ``f`` written
-  like SPEC.md (:meth:`dense_rows`, used by the reference backend with autograd);
+  like docs/semantics.md (:meth:`dense_rows`, used by the reference backend with autograd);
 - the streaming form, split in two parts by the columns they read:
 
   * the **dense part** runs over every column of ``A(i)`` (or only ``N(i)``, when
@@ -46,7 +46,7 @@ class Counts:
 
     n_pos: torch.Tensor  # |P(i)|, float, [A]
     n_neg: torch.Tensor  # |N(i)|, float, [A]
-    num_contrast: int  # K, the number of contrast rows (M in SPEC.md's focal SupCon)
+    num_contrast: int  # K, the number of contrast rows (M in docs/semantics.md's focal SupCon)
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class LossDefinition:
 
     # --- dense form (the reference) ----------------------------------------------------
     def dense_rows(self, s, contrast, pos, neg):
-        """``(loss [A], valid [A])`` from the full similarity matrix and SPEC.md's masks."""
+        """``(loss [A], valid [A])`` from the full similarity matrix and docs/semantics.md's masks."""
         raise NotImplementedError
 
     # --- streaming form ----------------------------------------------------------------
