@@ -186,6 +186,24 @@ def test_grad_scaler_scales_cached_gradients():
     assert_grads_close({n: g / 1024 for n, g in got.items()}, want)
 
 
+def test_torch_grad_scaler_step_equals_unscaled_step():
+    """With torch's own GradScaler the optimizer step (which unscales) matches a plain step."""
+    x, y = batch()
+    loss_fn = make_loss("schane")
+    plain, scaled = Tiny(), Tiny()
+    reference_step(plain, loss_fn, x, (y,), {}, 4, seed=3)
+    torch.optim.SGD(plain.parameters(), lr=0.1).step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    optimizer = torch.optim.SGD(scaled.parameters(), lr=0.1)
+    torch.manual_seed(3)
+    fastcon.GradCache(scaled, loss_fn, 4, scaler=scaler).step(x, y)
+    assert scaled.body[0].weight.grad.norm() > 1000 * plain.body[0].weight.grad.norm()  # scaled gradients
+    scaler.step(optimizer)
+    scaler.update()
+    for (name, want), got in zip(plain.named_parameters(), scaled.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14, msg=lambda m: f"{name}: {m}")
+
+
 def test_autocast_context():
     """bfloat16 autocast on the CPU: both passes run under it; the result is the plain
     autocast step's (to bfloat16 accuracy: the two steps accumulate in a different order)."""
