@@ -56,7 +56,8 @@ class GradCache:
             caller goes on with ``scaler.step(optimizer); scaler.update()`` as usual.
 
     Outputs are concatenated along dim 0 in chunk order, so the loss sees exactly the
-    batch layout of a plain step. Chunking is along dim 0 of the inputs: inputs ``[B, V,
+    batch layout of a plain step (a chunk's outputs may have more or fewer rows than its
+    inputs, as long as the second pass gives the same shapes). Chunking is along dim 0 of the inputs: inputs ``[B, V,
     ...]`` with a model returning ``[b, V, D]`` give fastcon's ``[B, V, D]`` features;
     rows ``[V*B, ...]`` (all of view 0 first, as the harness builds them) give ``[V*B,
     D]`` rows for the loss to reshape. A model whose output rows depend on other rows of
@@ -120,6 +121,7 @@ class GradCache:
                 states.append(_rng_state(devices))
                 with self._autocast():
                     outputs.append(self._call(chunk))
+        rows = [[t.shape[0] for t in _flatten(o)] for o in outputs]  # per chunk, per output
         whole = _concat(outputs)
         del outputs
         leaves = [t.detach().requires_grad_(True) if t.is_floating_point() else t.detach()
@@ -140,9 +142,7 @@ class GradCache:
 
         # 3. forward each chunk again with a graph and its random state; push the cached
         #    gradients through it. Under DDP only the last backward all-reduces.
-        starts = [0]
-        for chunk in chunks:
-            starts.append(starts[-1] + _rows(chunk))
+        offsets = [0] * len(leaves)
         no_sync = getattr(self.model, "no_sync", None)
         for i, chunk in enumerate(chunks):
             last = i == len(chunks) - 1
@@ -150,8 +150,14 @@ class GradCache:
             with sync, _replay_rng(states[i], devices):
                 with self._autocast():
                     out = _flatten(self._call(chunk))
-                pairs = [(o, g[starts[i]:starts[i + 1]]) for o, g in zip(out, grads)
-                         if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+                if [t.shape[0] for t in out] != rows[i]:
+                    raise RuntimeError(f"chunk {i} gave outputs of {[t.shape[0] for t in out]} rows in the second "
+                                       f"pass and {rows[i]} in the first; the model must be deterministic in shape")
+                pairs = []
+                for k, (o, g) in enumerate(zip(out, grads)):
+                    if g is not None and o.requires_grad:
+                        pairs.append((o, g[offsets[k]:offsets[k] + rows[i][k]]))
+                    offsets[k] += rows[i][k]
                 if pairs:
                     torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
                 elif last and no_sync is not None:
@@ -186,10 +192,6 @@ class GradCache:
             return list(zip(*(t.split(self.chunk_size) for t in inputs)))
         raise TypeError("inputs must be a tensor or a non-empty tuple/list of tensors, "
                         f"got {type(inputs).__name__}")
-
-
-def _rows(chunk) -> int:
-    return (chunk[0] if isinstance(chunk, tuple) else chunk).shape[0]
 
 
 def _check_outputs(out) -> None:

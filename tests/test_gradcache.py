@@ -173,6 +173,25 @@ def test_dict_outputs_and_tuple_inputs():
     assert_grads_close({n: p.grad for n, p in model.named_parameters()}, want)
 
 
+def test_outputs_with_more_rows_than_inputs():
+    """A chunk of b samples may give 2b output rows (views flattened): the cached gradients
+    are sliced by output rows, not input rows."""
+    model, loss_fn = Tiny(), make_loss("focal")
+    x, y = batch(b=9)
+    forward = lambda c: model(c).flatten(0, 1)  # noqa: E731  [b, 2, D] -> [2b, D], sample-major
+    loss_of = lambda rows, labels: loss_fn(rows.view(-1, 2, D_OUT), labels)  # noqa: E731
+    model.zero_grad()
+    torch.manual_seed(4)
+    want_loss = loss_of(torch.cat([forward(c) for c in x.split(4)]), y)
+    want_loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    torch.manual_seed(4)
+    got_loss = fastcon.GradCache(model, loss_of, 4, forward=forward).step(x, y)
+    torch.testing.assert_close(got_loss, want_loss.detach(), rtol=RTOL, atol=0)
+    assert_grads_close({n: p.grad for n, p in model.named_parameters()}, want)
+
+
 def test_grad_scaler_scales_cached_gradients():
     class Scaler:  # what GradCache uses of torch.amp.GradScaler
         def scale(self, loss):
