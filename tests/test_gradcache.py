@@ -271,7 +271,9 @@ def test_bad_inputs_and_loss():
 # ----------------------------------------------------------------------------- DDP, 2 processes
 
 RANK_ROWS = 6  # per rank; chunk size 4 does not divide it
-DDP_KINDS = ("supcon", "clce")
+# "supcon-unused-head": the model also has a classifier the loss never uses, under
+# find_unused_parameters=True, as the harness's DDP does
+DDP_KINDS = ("supcon", "clce", "supcon-unused-head")
 
 
 def _ddp_check(kind, rank, world):
@@ -279,22 +281,26 @@ def _ddp_check(kind, rank, world):
     where rank r's rows draw their dropout masks from rank r's generator as in the DDP run."""
     x, y = batch(b=RANK_ROWS * world, seed=11)
     seed = lambda r: 40 + r  # noqa: E731
-    model = Tiny(logits=kind == "clce")
+    unused_head = kind == "supcon-unused-head"
+    kind = kind.split("-")[0]
+    model = Tiny(logits=kind == "clce" or unused_head)
+    features_only = (lambda net: lambda c: net(c)[0]) if unused_head else (lambda net: net)  # noqa: E731
 
     # single process, whole batch
     outs = []
     for r in range(world):
         torch.manual_seed(seed(r))
-        outs += [model(c) for c in x[r * RANK_ROWS:(r + 1) * RANK_ROWS].split(4)]
+        outs += [features_only(model)(c) for c in x[r * RANK_ROWS:(r + 1) * RANK_ROWS].split(4)]
     loss_fn = make_loss(kind)
     if kind == "clce":
         want_loss = loss_fn(torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), y)
     else:
         want_loss = loss_fn(torch.cat(outs), y)
     want_loss.backward()
-    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    ddp = torch.nn.parallel.DistributedDataParallel(Tiny(logits=kind == "clce"))
+    ddp = torch.nn.parallel.DistributedDataParallel(Tiny(logits=kind == "clce" or unused_head),
+                                                    find_unused_parameters=unused_head)
     allreduces = []
 
     def counting_hook(state, bucket):
@@ -306,9 +312,11 @@ def _ddp_check(kind, rank, world):
     gathered = make_loss(kind, gather=True)
     torch.manual_seed(seed(rank))
     mine = slice(rank * RANK_ROWS, (rank + 1) * RANK_ROWS)
-    loss = fastcon.GradCache(ddp, gathered, 4).step(x[mine], y[mine])
-    got = {n: p.grad for n, p in ddp.module.named_parameters()}
+    loss = fastcon.GradCache(ddp, gathered, 4, forward=features_only(ddp)).step(x[mine], y[mine])
+    got = {n: p.grad for n, p in ddp.module.named_parameters() if n in want}
     assert_grads_close(got, want)
+    for n, p in ddp.module.named_parameters():
+        assert n in want or p.grad is None or not p.grad.any(), f"unused {n} got a gradient"
     assert len(allreduces) == 1, f"{len(allreduces)} gradient all-reduces in one step"
     mean_loss = loss.clone()
     dist.all_reduce(mean_loss)
