@@ -4,6 +4,7 @@ from . import functional
 from .backends.blockwise import block_memory, get_block_memory, set_block_memory
 from .modules import CLCELoss, FocalSupConLoss, SCHaNeLoss, SupConLoss
 from .memory_bank import MemoryBank
+from .gradcache import GradCache
 
 __version__ = "0.1.0"
 
@@ -13,6 +14,7 @@ __all__ = [
     "CLCELoss",
     "FocalSupConLoss",
     "MemoryBank",
+    "GradCache",
     "functional",
     "set_block_memory",
     "get_block_memory",

@@ -313,3 +313,87 @@ def test_two_views_are_independent_augmentations():
     assert not torch.allclose(v1, v2)
     plain = model_input(images, 16)
     assert plain.shape == (4, 3, 16, 16) and -1 <= plain.min() and plain.max() <= 1
+
+
+# ----------------------------------------------------------------------------- gradient caching
+
+def _finetune_args(*extra):
+    import argparse
+
+    from fastcon.harness.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    return parser.parse_args(["finetune", *TINY, *extra])
+
+
+@pytest.mark.parametrize("loss", ["ce", "supcon", "schane", "clce"])
+def test_chunked_first_step_equals_plain_step(loss):
+    """The harness's step with --chunk-size (GradCache) and without it, from the same weights
+    on the same two-view batch, then one AdamW step. In float64 the two differ only by the
+    order of floating-point sums (chunked matrix products, gradients accumulated chunk by
+    chunk): the gradients agree to 1e-10 of their norm. The parameters after the step get
+    an atol of 1e-9: AdamW's first update is lr * g / (|g| + eps), so where the true
+    gradient is exactly zero (the attention's key bias, to which softmax is invariant)
+    rounding noise of ~1e-17 in g moves a parameter by up to lr * 1e-17 / 1e-8 ~ 1e-11 in
+    one step and not the other; every other entry moves by about lr = 5e-3 in both.
+    (The default ViT has no dropout; with dropout the plain step would draw its masks for
+    the whole batch at once and differ: tests/test_gradcache.py covers random layers.)"""
+    import copy
+
+    from torch.utils.data import DataLoader
+
+    from fastcon.harness.data import model_input
+    from fastcon.harness.models import parse_model_args
+    from fastcon.harness.recipes import make_recipe
+    from fastcon.harness.train import make_step
+
+    args = _finetune_args("--loss", loss)
+    torch.manual_seed(0)
+    data = load_dataset("digits", img_size=8)
+    net = build_network(args.model, parse_model_args(args.model_args, args.model), num_classes=10, img_size=8,
+                        proj_dim=16).double()
+    recipe = make_recipe(args, num_classes=10)
+    images, labels = next(iter(DataLoader(data.train, batch_size=13, shuffle=False)))
+    g = torch.Generator().manual_seed(0)
+    views = torch.cat([model_input(images, 8, augment=True, generator=g) for _ in range(2)]).double()
+
+    params, losses, grads = {}, {}, {}
+    for chunk in (None, 5, 26, 64):  # 26 rows in all: uneven chunks, one chunk, a chunk larger than the batch
+        model = copy.deepcopy(net)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        optimizer.zero_grad(set_to_none=True)
+        rows = []
+        model.register_forward_pre_hook(lambda module, inputs: rows.append(inputs[0].shape[0]))
+        losses[chunk] = make_step(model, recipe, chunk)(views, labels)
+        grads[chunk] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+        expected = {None: [26], 5: [5, 5, 5, 5, 5, 1] * 2, 26: [26, 26], 64: [26, 26]}  # chunks, twice
+        assert rows == expected[chunk], rows
+        params[chunk] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moved = sum((params[None][n] - p).abs().sum() for n, p in net.named_parameters())
+    assert moved > 0
+    for chunk in (5, 26, 64):
+        torch.testing.assert_close(losses[chunk], losses[None], rtol=1e-12, atol=0)
+        assert grads[chunk].keys() == grads[None].keys() and grads[None]
+        for name, want in grads[None].items():
+            err = (grads[chunk][name] - want).norm() / want.norm().clamp_min(1e-30)
+            assert err <= 1e-10 or want.norm() < 1e-14, f"chunk {chunk}, gradient of {name}: relative error {err:.3g}"
+        for name, want in params[None].items():
+            torch.testing.assert_close(params[chunk][name], want, rtol=1e-10, atol=1e-9,
+                                       msg=lambda m: f"chunk {chunk}, {name}: {m}")
+
+
+def test_chunk_size_end_to_end_and_errors(tmp_path, capsys):
+    out = tmp_path / "supcon"
+    assert fastcon_main(["finetune", "--loss", "supcon", "--chunk-size", "24", "--out", str(out), *TINY,
+                         "--epochs", "1", "--linear-epochs", "2"]) == 0
+    final = json.loads((out / "final.json").read_text())
+    assert final["args"]["chunk_size"] == 24 and np.isfinite(final["alignment"])
+    assert fastcon_main(["finetune", "--loss", "core", "--chunk-size", "8", "--out", str(tmp_path / "c")]) == 2
+    assert "--chunk-size does not work with core" in capsys.readouterr().err
+    assert fastcon_main(["compare", "--losses", "ce,core", "--chunk-size", "8", "--out", str(tmp_path / "d")]) == 2
+    for bad in ("0", "-4", "x"):
+        with pytest.raises(SystemExit):
+            fastcon_main(["finetune", "--chunk-size", bad])
+    assert "expected a positive integer" in capsys.readouterr().err

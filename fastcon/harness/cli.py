@@ -80,6 +80,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps spent warming up")
     g.add_argument("--eval-every", type=int, default=5, help="epochs between test evaluations")
+    g.add_argument("--chunk-size", type=_positive_int, default=None, metavar="ROWS",
+                   help="gradient caching (fastcon.GradCache): run the network on this many rows (views) at a "
+                        "time, twice, for the exact whole-batch gradients with one chunk's activation memory; "
+                        "not for core. Default: off")
     g.add_argument("--linear-epochs", type=int, default=50, help="supcon stage 2: epochs of the linear classifier")
     g.add_argument("--linear-lr", type=float, default=1e-2, help="supcon stage 2: learning rate")
 
@@ -92,6 +96,27 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gamma", type=float, default=1.0, help="core: focal exponent")
     g.add_argument("--mix-alpha", type=float, default=1.0, help="core: mixup coefficient lam ~ Beta(a, a)")
     g.add_argument("--proj-dim", type=int, default=128, help="output size of the projection head")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _unchunkable(args, losses) -> str | None:
+    """The error message when --chunk-size is asked of a recipe that cannot be chunked."""
+    from .recipes import RECIPES
+
+    refused = [name for name in losses if not RECIPES[name].chunkable]
+    if getattr(args, "chunk_size", None) and refused:
+        return (f"--chunk-size does not work with {', '.join(refused)}: its heads mix rows across the whole "
+                "batch (hard-pair mining, mixup), so running them chunk by chunk would change the objective")
+    return None
 
 
 def _default_out(kind: str) -> str:
@@ -116,6 +141,8 @@ def run_finetune(args) -> int:
     from .data import DatasetError
     from .train import finetune
 
+    if (message := _unchunkable(args, [args.loss])) is not None:
+        return _fail(message)
     args.out = args.out or _default_out(args.loss)
     try:
         finetune(args)
@@ -134,6 +161,8 @@ def run_compare(args) -> int:
     unknown = [name for name in losses if name not in LOSSES]
     if unknown or not losses:
         return _fail(f"--losses: unknown {unknown}; choose from {','.join(LOSSES)}")
+    if (message := _unchunkable(args, losses)) is not None:
+        return _fail(message)
     root = args.out or _default_out("compare")
     rows = []
     started = time.time()

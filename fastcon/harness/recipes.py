@@ -41,6 +41,7 @@ def by_view(rows: torch.Tensor, views: int = 2) -> torch.Tensor:
 class Recipe:
     name = ""
     two_stage = False  # LaCViT: contrastive stage, then a linear classifier on frozen features
+    chunkable = True  # heads act on each row alone, so --chunk-size (gradient caching) applies
 
     def __init__(self, args, *, num_classes: int, world_size: int = 1, rank: int = 0):
         self.args = args
@@ -124,6 +125,7 @@ class CoreTuning(Recipe):
     with labels of their own so that they only act as negatives. Total ``CE + eta * focal``.
     """
     name = "core"
+    chunkable = False  # hard-pair mining and mixup need every row of the batch at once
 
     def __init__(self, args, **kw):
         super().__init__(args, **kw)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..gradcache import GradCache
 from . import metrics as M
 from .data import load_dataset, model_input
 from .models import build_network, parse_model_args, save_checkpoint
@@ -111,6 +112,31 @@ def train_linear_head(net, data, args, device, progress) -> list:
     return history
 
 
+def make_step(model, recipe, chunk_size=None):
+    """``step(views, labels) -> loss``: forward and backward of one training step, gradients
+    accumulated into ``.grad``; the loss comes back detached.
+
+    With ``chunk_size`` the step goes through :class:`fastcon.GradCache`: the network runs on
+    ``chunk_size`` rows (views) at a time, twice, and the parameters get the gradients of the
+    plain whole-batch step with the activation memory of one chunk. The recipe's heads then
+    see one chunk of rows at a time, so a recipe whose heads mix rows across the batch
+    (Core-tuning) cannot be chunked.
+    """
+    if chunk_size:
+        if not recipe.chunkable:
+            raise ValueError(f"--chunk-size does not work with --loss {recipe.name}: its heads mix rows across the "
+                             "whole batch, so running them chunk by chunk would change the objective")
+        cache = GradCache(model, recipe.loss, chunk_size, forward=lambda rows: model(rows, recipe.heads, None))
+        return cache.step
+
+    def step(views, labels):
+        loss = recipe.loss(model(views, recipe.heads, labels), labels)
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
 def finetune(args, *, return_model: bool = False):
     """Train one recipe; returns the final metrics (rank 0 also writes them to ``args.out``),
     and the trained network too when ``return_model``."""
@@ -158,6 +184,7 @@ def finetune(args, *, return_model: bool = False):
         raise ValueError(f"--batch-size {args.batch_size} is larger than the training set "
                          f"({len(data.train)} images over {dist_info.world_size} process(es))")
 
+    step = make_step(model, recipe, getattr(args, "chunk_size", None))
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total_steps = args.epochs * len(loader)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, args.warmup))
@@ -168,7 +195,8 @@ def finetune(args, *, return_model: bool = False):
         epoch_log = open(os.path.join(args.out, "metrics.jsonl"), "w")
     log(f"{recipe.name}: {args.model} on {data.name} ({len(data.train)} train / {len(data.test)} test images, "
         f"{data.num_classes} classes), {args.epochs} epochs x {len(loader)} steps, "
-        f"world size {dist_info.world_size}, device {device}")
+        f"world size {dist_info.world_size}, device {device}"
+        + (f", gradient caching in chunks of {args.chunk_size} rows" if getattr(args, "chunk_size", None) else ""))
 
     history = []
     train_seconds = 0.0
@@ -185,13 +213,11 @@ def finetune(args, *, return_model: bool = False):
                 model_input(images, args.img_size, augment=True, hflip=data.hflip, generator=augment_rng),
                 model_input(images, args.img_size, augment=True, hflip=data.hflip, generator=augment_rng),
             ])
-            out = model(views, recipe.heads, labels)
-            loss = recipe.loss(out, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss = step(views, labels)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{recipe.name}: the loss became {loss.item()} at epoch {epoch + 1}; "
                                          "try a smaller --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             optimizer.step()
             schedule.step()
             loss_sum += loss.item()
