@@ -12,7 +12,8 @@ steps``): as many as ``--epochs`` epochs take at ``--batch-size``, with the same
 rate and schedule, so a larger batch sees more data. ``--match epochs`` gives every batch
 size ``--epochs`` epochs instead (the same images seen, fewer steps at a larger batch).
 Either way the CE line gets the same budget, so the gap between a contrastive loss and CE at
-the same batch size is what the extra contrast rows buy beyond a larger batch as such.
+the same batch size sets the loss's batch-size effect against the one any loss gets from the
+budget (it isolates the contrast rows only as far as both respond alike to training length).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ MATCH_HELP = (
     "large batches with only a few updates (about 125 at batch 256 for 25 epochs of the digits), and that "
     "under-training would swamp any effect of the number of contrast rows. epochs: every batch size gets "
     "--epochs epochs (the same images seen, fewer steps at a larger batch; the seed papers' setting on large "
-    "data). CE gets the same budget in both, so the gap to CE at the same batch size is the contrastive effect."
+    "data). CE gets the same budget in both; the 'vs CE' column is the top-1 gap to it at the same batch size."
 )
 
 
