@@ -13,7 +13,7 @@ import importlib
 import sys
 
 # sub-command module -> what it provides
-_COMMAND_MODULES = ("fastcon.info", "fastcon.harness.cli", "fastcon.bench")
+_COMMAND_MODULES = ("fastcon.info", "fastcon.harness.cli", "fastcon.harness.curve", "fastcon.bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -219,6 +219,60 @@ def test_compare_rejects_unknown_loss(tmp_path, capsys):
     assert "triplet" in capsys.readouterr().err
 
 
+def test_curve_writes_one_row_per_loss_and_batch_size(tmp_path, capsys):
+    args = ["curve", "--batch-sizes", "16,32", "--losses", "ce,clce", "--out", str(tmp_path), *TINY,
+            "--epochs", "1", "--linear-epochs", "2"]
+    assert fastcon_main(args) == 0
+    rows = (tmp_path / "curve.csv").read_text().splitlines()
+    assert rows[0].startswith("loss,batch_size,contrast_rows,epochs,steps,lr,test_top1,alignment")
+    cells = [r.split(",") for r in rows[1:]]
+    assert sorted((c[0], int(c[1])) for c in cells) == [("ce", 16), ("ce", 32), ("clce", 16), ("clce", 32)]
+    # same steps (the default): the budget is 1 epoch at --batch-size 32, rounded up to whole epochs
+    assert {(int(c[1]), int(c[3]), int(c[4])) for c in cells} == {(16, 1, 84), (32, 1, 42)}
+    assert {(c[0], int(c[1]), int(c[2])) for c in cells} >= {("clce", 16, 32), ("ce", 32, 0)}
+    md = (tmp_path / "curve.md").read_text()
+    assert md.startswith("| loss | batch |")
+    assert len([line for line in md.splitlines() if line.startswith(("| ce |", "| clce |"))]) == 4
+    assert "fastcon curve --batch-sizes 16,32 --losses ce,clce --match steps" in md
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    for size in (16, 32):
+        for loss in ("ce", "clce"):
+            assert (tmp_path / f"bs{size}" / loss / "final.json").exists()
+    assert "| clce | 32 | 64 |" in capsys.readouterr().out
+
+
+def test_curve_budget_plan():
+    import argparse
+
+    from fastcon.harness.curve import parse_batch_sizes, plan
+
+    args = argparse.Namespace(epochs=25, batch_size=64, lr=1e-3, match="steps", lr_scale="none")
+    steps = plan(1347, [32, 64, 128, 256], args)  # the digits' training split: 21 steps per epoch at 64
+    assert [(p["epochs"], p["steps"]) for p in steps] == [(13, 546), (25, 525), (53, 530), (105, 525)]
+    assert all(p["lr"] == 1e-3 for p in steps)
+    args.match, args.lr_scale = "epochs", "sqrt"
+    epochs = plan(1347, [32, 256], args)
+    assert [(p["epochs"], p["steps"]) for p in epochs] == [(25, 1050), (25, 125)]
+    assert epochs[1]["lr"] == pytest.approx(2e-3)
+    assert plan(1347, [128], args, world_size=2)[0]["steps"] == 25 * 5
+    with pytest.raises(ValueError, match="larger than the training set"):
+        plan(1347, [2048], args)
+    assert parse_batch_sizes("256, 32,64") == [32, 64, 256]
+    for text, message in (("32,x", "not an integer"), ("1", "too small"), ("32,32", "repeated"), (",", "no batch")):
+        with pytest.raises(ValueError, match=message):
+            parse_batch_sizes(text)
+
+
+def test_curve_rejects_bad_arguments(tmp_path, capsys):
+    assert fastcon_main(["curve", "--batch-sizes", "32,abc", "--out", str(tmp_path)]) == 2
+    assert "not an integer" in capsys.readouterr().err
+    assert fastcon_main(["curve", "--batch-sizes", "32,4096", "--out", str(tmp_path)]) == 2
+    assert "larger than the training set" in capsys.readouterr().err
+    assert fastcon_main(["curve", "--losses", "ce,triplet", "--out", str(tmp_path)]) == 2
+    assert "triplet" in capsys.readouterr().err
+    assert not (tmp_path / "curve.csv").exists()
+
+
 # ----------------------------------------------------------------------------- models
 
 def test_pretrained_checkpoint_drops_head(tmp_path, capsys):

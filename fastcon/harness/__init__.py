@@ -1,4 +1,4 @@
-"""Fine-tuning harness: ``fastcon finetune`` and ``fastcon compare``.
+"""Fine-tuning harness: ``fastcon finetune``, ``fastcon compare`` and ``fastcon curve``.
 
 Fine-tunes a timm model with cross-entropy or one of fastcon's contrastive recipes
 (LaCViT's two-stage SupCon, SCHaNe, CLCE, Core-tuning) and reports accuracy and
@@ -10,7 +10,8 @@ embedding quality. Layout:
 - :mod:`.recipes`: one training step per loss;
 - :mod:`.metrics`: accuracy, alignment, uniformity, isotropy;
 - :mod:`.train`: the training loop (single process or torchrun/DDP) and its outputs;
-- :mod:`.plots`: PNG plots; :mod:`.cli`: the sub-commands.
+- :mod:`.plots`: PNG plots; :mod:`.cli`: the sub-commands;
+- :mod:`.curve`: ``fastcon curve``, every loss at several batch sizes against CE.
 
 timm, torchvision, scikit-learn and matplotlib are imported inside functions so that
 ``fastcon --help`` works without them.
