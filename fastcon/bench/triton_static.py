@@ -17,10 +17,8 @@ loop's loads (``num_stages > 1``), so the next tile is in flight while this one 
 (an unpipelined loop loads with LDG + STS and waits). The TTGIR is checked too: the
 ``scf.for`` holds ``ttg.async_copy_global_to_local``.
 
-**Model** (issue-bound, H100 SXM): time = instr/elem * N^2 / (132 SMs * 4 schedulers * 32 lanes
-* 1.755e9 Hz), one warp-instruction issued per scheduler per cycle; the plain loops only (the
-band, tail and positive tiles are O(N * BM) and left out); N = 65536, forward (statistics)
-plus backward (gradient).
+**Model** (issue-bound H100): instr/elem * N^2 / (132 SMs * 4 schedulers * 32 lanes * 1.755e9 Hz)
+for N = 65536, plain loops only (the band, tail and positive tiles are O(N * BM) work).
 """
 
 from __future__ import annotations
@@ -43,7 +41,9 @@ ARCHS = {"sm_90": 90, "sm_80": 80}
 DTYPES = ("bfloat16", "float16", "float32")
 DIMS = (64, 100, 128, 256, 768)
 SMEM_LIMIT = {"sm_90": 232448, "sm_80": 166912}  # opt-in shared memory per block
-FP32_DIMS = (64, 128, 768)  # float32 kernels take minutes each to compile at larger D
+# float32 products are unrolled FMAs (no tensor cores): ptxas takes minutes per kernel at
+# D >= 128, so by default float32 is compiled in the fixed configurations at these D only
+FP32_DIMS = (64, 128, 768)
 QUICK = (("sm_90", "bfloat16", 128), ("sm_80", "float16", 100))
 PTXAS_TIMEOUT_S = 300  # a shipped configuration that ptxas cannot finish in 5 min is reported
 UNAVAILABLE = "triton cannot compile for CUDA here"
@@ -135,6 +135,8 @@ def analyse(job):
     row["config"] = f"{bm}x{bn} w{warps} s{stages}" if config else f"BLOCK_R=16 w{warps} s{stages}"
     compiled, log = compile_kernel(fn, launch_values(kernel, loss, dtype, d, config), arch, warps, stages)
     row.update(sass.ptxas_resources(log))
+    if row["spill_bytes"]:
+        row["note"] = "ptxas: " + " ".join(ln.split(":", 1)[-1].strip() for ln in log.splitlines() if "Used" in ln)
     row["shared_bytes"] = compiled.metadata.shared
     row["smem_fits"] = compiled.metadata.shared <= SMEM_LIMIT[arch]
     instructions, loops = sass.parse_sass(sass.disassemble(compiled.asm["cubin"]))
@@ -159,10 +161,11 @@ def analyse(job):
     return row
 
 
-def plan(quick=False, losses=LOSSES, dims=DIMS, fp32_dims=FP32_DIMS, dtypes=DTYPES):
+def plan(quick=False, losses=LOSSES, dims=DIMS, fp32_dims=FP32_DIMS, dtypes=DTYPES, fp32_all=False):
     """The jobs: every loss, kernel, dtype, arch, D and shipped configuration (``quick``: SupCon
-    in :data:`QUICK`; float32 only at ``fp32_dims``). The row preparation kernel does not
-    depend on the loss (loss ``any``); a D the kernels do not take gets one row per kernel."""
+    in :data:`QUICK`; float32 only at ``fp32_dims`` and, unless ``fp32_all``, in the fixed
+    configurations). The row preparation kernel does not depend on the loss (loss ``any``);
+    a D the kernels do not take gets one row per kernel."""
     from ..backends.triton import launch
 
     if quick:
@@ -178,6 +181,8 @@ def plan(quick=False, losses=LOSSES, dims=DIMS, fp32_dims=FP32_DIMS, dtypes=DTYP
                     jobs.append((kernel, loss, dtype, arch, d, None, "-"))
                     continue
                 for c in configs:
+                    if dtype == "float32" and not fp32_all and tuple(c) != tuple(launch.FIXED[kernel]):
+                        continue
                     shipped = "fixed+autotune" if tuple(c) == tuple(launch.FIXED[kernel]) else "autotune"
                     jobs.append((kernel, loss, dtype, arch, d, tuple(c), shipped))
     return jobs
@@ -236,7 +241,11 @@ def run(jobs, workers=2, ptxas_timeout_s=PTXAS_TIMEOUT_S):
             import multiprocessing
 
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                done = list(pool.map(_analyse_or_note, unique, chunksize=1))
+                done = []
+                for r in pool.map(_analyse_or_note, unique, chunksize=1):
+                    done.append(r)
+                    if len(done) % 20 == 0 or len(done) == len(unique):
+                        print(f"compiled {len(done)}/{len(unique)}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         for k, v in saved.items():
@@ -264,6 +273,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--fp32-dims", nargs="+", type=int, default=list(FP32_DIMS),
                         help="the D values compiled for float32 (default: %(default)s)")
+    parser.add_argument("--fp32-all-configs", action="store_true",
+                        help="float32 in every shipped configuration too (slow: minutes per kernel)")
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
     parser.add_argument("--summary", metavar="CSV", help="print the summary of a written CSV and exit")
     args = parser.parse_args(argv)
@@ -276,7 +287,8 @@ def main(argv=None):
         print(f"{UNAVAILABLE}: {why}")
         return 3
     start = time.time()
-    jobs = plan(args.quick, tuple(args.losses), tuple(args.dims), tuple(args.fp32_dims), tuple(args.dtypes))
+    jobs = plan(args.quick, tuple(args.losses), tuple(args.dims), tuple(args.fp32_dims), tuple(args.dtypes),
+                args.fp32_all_configs)
     rows = run(jobs, args.workers)
     write_csv(rows, args.out)
     print(summary(rows))
