@@ -1,0 +1,58 @@
+"""The shipped Triton kernels, compiled for sm_90 and sm_80 on this machine (no GPU needed):
+no spills, pipelined plain column loops, and SupCon's forward + backward within budget.
+
+Runs ``benchmarks/triton_static.py --quick`` (SupCon, the fixed and autotuned configurations,
+sm_90 bf16 D=128 and sm_80 fp16 D=100) in a subprocess without ``TRITON_INTERPRET``, since
+real cubins are compiled and other tests of this run may set the interpreter. Skipped only
+when Triton cannot compile for CUDA here.
+"""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+from fastcon.bench.static_report import LIMIT_INSTR_PER_ELEM, pair_sums, problems  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def quick_rows(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("static") / "triton_static.csv")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "triton_static.py"), "--quick",
+                           "--out", out], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode == 3 and "cannot compile for CUDA" in proc.stdout:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, f"static report failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    print(proc.stdout)
+    return rows
+
+
+def test_every_quick_kernel_compiled(quick_rows):
+    kernels = [r for r in quick_rows if r["kernel"] in ("stats", "grad")]
+    assert len(kernels) == 14, "4 statistics + 3 gradient configurations on two targets"
+    assert not [r for r in quick_rows if r["note"].startswith("not compiled")]
+    for r in kernels:
+        assert int(r["loops"]) == 3, f"expected plain, special and positive loops: {r}"
+        assert int(r["tensor_core_instr"]) > 0, f"half-precision products off the tensor cores: {r}"
+
+
+def test_no_spills_and_pipelined_plain_loops(quick_rows):
+    found = problems(quick_rows)
+    assert not found, "shipped configurations with problems:\n" + "\n".join(found)
+
+
+def test_supcon_instructions_per_element(quick_rows):
+    stats, grad = pair_sums(quick_rows)[("supcon", "sm_90", "bfloat16", 128)]
+    assert stats + grad <= LIMIT_INSTR_PER_ELEM, (
+        f"SupCon forward + backward {stats:.2f} + {grad:.2f} thread-instructions per element on sm_90 "
+        f"(fixed configurations), above {LIMIT_INSTR_PER_ELEM}")
