@@ -138,3 +138,49 @@ def assert_matches_reference(kind, case, *, backend, dtype=torch.float64, reduct
     if ref is not None:
         torch.testing.assert_close(got[2].double(), want[2].double(), rtol=rtol, atol=atol,
                                    msg=lambda m: f"ref_features grad: {m}")
+
+
+# --- one tile of statistics: an engine's kernel against the Python loss definition ----------
+
+def tile_problem(seed=0, a=9, k=23, d=13, self_offset=2, dtype=torch.float64):
+    """Anchors ``[a, d]`` and contrast rows ``[k, d]`` (normalised; anchor i is contrast column
+    ``i + self_offset``), int32 class ranks with an imbalanced mix, one anchor whose class has
+    no other row (no positive) and contrast rows of a class no anchor has."""
+    from fastcon.backends.common import Rows
+
+    g = torch.Generator().manual_seed(seed)
+    contrast = torch.nn.functional.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=1)
+    ranks = torch.tensor([(j * 5) % 4 for j in range(k)], dtype=torch.int32)
+    ranks[self_offset + 3] = 7  # that anchor is alone in its class
+    ranks[-2:] = 9  # contrast rows of a class no anchor has
+    anchors = contrast[self_offset:self_offset + a]
+    return (Rows(anchors.to(dtype).contiguous(), ranks[self_offset:self_offset + a].contiguous()),
+            Rows(contrast.to(dtype).contiguous(), ranks))
+
+
+def definition_tile_stats(definition, anchors, contrast, self_offset):
+    """``(dense, positive)`` statistics of the whole tile by the Python definition, in float64."""
+    s = anchors.x.double() @ contrast.x.double().T / definition.temperature
+    same = anchors.ranks[:, None] == contrast.ranks[None, :]
+    not_self = torch.ones_like(same)
+    if self_offset is not None:
+        rows = torch.arange(anchors.x.shape[0])
+        not_self[rows, rows + self_offset] = False
+    pos = same & not_self
+    dense = definition.dense_tile(s.clone(), definition.dense_mask(not_self, pos, ~same))
+    return dense, definition.positive_tile(s.clone(), pos, dense)
+
+
+def assert_engine_tile_stats(engine, definition, *, dtype=torch.float64, rtol=1e-10, atol=1e-10):
+    """An engine's ``block_stats`` on one tile equals the definition's statistics, slot by slot
+    (the positive part of a definition that reads the dense part is given the finished one)."""
+    for self_offset in (2, None):
+        anchors, contrast = tile_problem(dtype=dtype, self_offset=2)
+        want_d, want_p = definition_tile_stats(definition, anchors, contrast, self_offset)
+        got_d, got_p = engine.block_stats(anchors, contrast, self_offset, definition)
+        if definition.positive_reads_dense:
+            assert got_p is None
+            _, got_p = engine.block_stats(anchors, contrast, self_offset, definition, dense=got_d)
+        names = [n for n, _ in definition.dense_slots] + [n for n, _ in definition.positive_slots]
+        for name, got, want in zip(names, list(got_d.double()) + list(got_p.double()), list(want_d) + list(want_p)):
+            torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"slot {name!r}: {m}")

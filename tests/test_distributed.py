@@ -78,6 +78,8 @@ CHECKS = [f"{c.name}-{r}-{m}" for c in DIST_CASES for r in c.reductions for m in
 CHECKS += [f"no_valid_anchor-{g}" for g in ("gather", "ring")]
 CHECKS += [f"ddp_step_{k}-{g}" for k in ("supcon", "clce") for g in ("gather", "ring")]
 CHECKS += ["memory_bank_push_gather"]
+CHECKS += [f"empty_rank_{k}-{g}" for k in ("supcon", "clce") for g in ("gather", "ring")]
+CHECKS += ["dtype_mismatch", "feature_size_mismatch", "engine_dtype_under_gather"]
 WORLDS = [2, 3]
 
 
@@ -206,6 +208,76 @@ def _ddp_step(kind: str, gather, rank: int, world: int, seed: int):
         _close(p_ddp.detach(), p_single.detach(), f"parameter {name} after one step")
 
 
+def _check_empty_rank(kind, gather, rank, world):
+    """Rank 1's batch is empty (an uneven last batch): it contributes no anchors and no rows,
+    the others train on, and every rank's values equal one process on the concatenation."""
+    sizes = [4, 0, 5][:world]
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(sum(sizes), 2, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    lg = torch.randn(sum(sizes), 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (sum(sizes),), generator=g)
+    start, end = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    x_r = x.detach()[start:end].clone().requires_grad_()
+    lg_r = lg.detach()[start:end].clone().requires_grad_()
+
+    def loss(f, logits, labels, **kw):
+        if kind == "clce":
+            return FC.clce_loss(f, logits, labels, temperature=0.5, **kw)
+        return FC.supcon_loss(f, labels, temperature=0.5, **kw)
+
+    want = loss(x, lg, y, backend="reference")
+    want.backward()
+    got = loss(x_r, lg_r, y[start:end], gather=gather)
+    got.backward()
+    _close(fastcon.distributed.all_reduce_sum(got.detach()) / world, want.detach(), "loss averaged over ranks",
+           "loss")
+    _close(x_r.grad, world * x.grad[start:end], "features grad")
+    if kind == "clce":
+        _close(lg_r.grad, world * lg.grad[start:end], "logits grad")
+
+
+def _check_mismatch(what, rank, world):
+    """Ranks whose features differ in dtype or feature size get the same clear error on every
+    rank (no hang, no crash inside gloo); the group stays usable afterwards."""
+    dtype = torch.float64 if (what == "dtype" and rank == 1) else torch.float32
+    d = 6 if (what == "size" and rank == 1) else 5
+    x = torch.randn(3, 2, d, dtype=dtype, requires_grad=True)
+    try:
+        FC.supcon_loss(x, torch.tensor([0, 1, 0]), gather=True)
+    except ValueError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("no error for mismatched ranks")
+    key = "dtype" if what == "dtype" else "feature size"
+    assert key in message and "rank" in message, message
+    messages = [None] * world
+    dist.all_gather_object(messages, message)
+    assert len(set(messages)) == 1, messages  # the same error on every rank
+    dist.barrier()
+
+
+def _check_engine_dtype(rank, world):
+    """Under gather=True the registry builds the engine for the input's dtype (bfloat16 users
+    keep half-precision tensor-core products on the Triton backend)."""
+    from fastcon.backends import REGISTRY, ops
+
+    built = []
+    original = ops._engine
+
+    def recording(backend, dtype):
+        built.append((backend, dtype))
+        return original(backend, dtype)
+
+    ops._engine = recording
+    try:
+        x = torch.randn(3, 2, 8, dtype=torch.bfloat16, requires_grad=True)
+        FC.supcon_loss(x, torch.tensor([0, 1, 0]), gather=True, backend="blockwise").backward()
+    finally:
+        ops._engine = original
+    assert built and all(b == ("blockwise", torch.bfloat16) for b in built), built
+    assert REGISTRY["triton"].engine(torch.bfloat16).dot_dtype == torch.bfloat16
+
+
 def _check_memory_bank_gather(rank, world):
     sizes = RANK_SIZES[world]
     rows = torch.arange(sum(sizes) * 3, dtype=torch.float32).reshape(-1, 3)
@@ -241,6 +313,12 @@ def _worker(rank, world, port, out_dir):
             run(f"ddp_step_supcon-{name}", _ddp_step, "supcon", gather, rank, world, 7)
             run(f"ddp_step_clce-{name}", _ddp_step, "clce", gather, rank, world, 8)
         run("memory_bank_push_gather", _check_memory_bank_gather, rank, world)
+        for name, gather in (("gather", True), ("ring", "ring")):
+            for kind in ("supcon", "clce"):
+                run(f"empty_rank_{kind}-{name}", _check_empty_rank, kind, gather, rank, world)
+        run("dtype_mismatch", _check_mismatch, "dtype", rank, world)
+        run("feature_size_mismatch", _check_mismatch, "size", rank, world)
+        run("engine_dtype_under_gather", _check_engine_dtype, rank, world)
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(outcome, f)

@@ -236,3 +236,105 @@ def test_second_order_raises_naming_reference():
     (g,) = torch.autograd.grad(loss, x, create_graph=True)
     with pytest.raises(RuntimeError, match="'triton' backend computes first derivatives only.*backend='reference'"):
         g.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("definition", [SupCon(0.1, 0.07), SCHaNe(0.2, 1.5), FocalSupCon(0.1, 0.07, 2.0)],
+                         ids=["supcon", "schane", "focal"])
+def test_tile_stats_equal_the_definition(definition, kernels_really_run):
+    """The Triton tile math's statistics of one tile equal the Python loss definition's."""
+    from tests.cases import assert_engine_tile_stats
+
+    assert_engine_tile_stats(triton_engine.TritonEngine(torch.float32), definition, dtype=torch.float32,
+                             rtol=2e-5, atol=2e-5)
+    assert kernels_really_run
+
+
+def test_every_launch_is_made_under_the_tensors_device(monkeypatch):
+    """Every kernel launch (row preparation, statistics, gradient) happens inside the device
+    guard the engine opens from the features' tensor."""
+    from fastcon.backends.triton import tiles
+
+    current = []
+    launches = []
+
+    class Guard:
+        def __init__(self, t):
+            self.device = t.device
+
+        def __enter__(self):
+            current.append(self.device)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    class Recording:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launches.append((self.name, current[-1] if current else None))
+                return self.fn[grid](*args, **kwargs)
+            return run
+
+    original_kernel = launch.kernel
+    monkeypatch.setattr(triton_engine, "_device", Guard)
+    monkeypatch.setattr(tiles, "prep_rows_kernel", Recording("prep", tiles.prep_rows_kernel))
+    monkeypatch.setattr(launch, "kernel", lambda name: Recording(name, original_kernel(name)))
+    x = torch.randn(7, 2, 11, requires_grad=True)
+    y = torch.tensor([0, 1, 0, 2, 1, 1, 3])
+    queue, queue_y = torch.randn(5, 11, requires_grad=True), torch.tensor([0, 4, 1, 1, 2])
+    for kw in ({}, {"reduction": "none"}, {"contrast_mode": "one"}, {"ref_features": queue, "ref_labels": queue_y}):
+        FC.supcon_loss(x, y, backend="triton", **kw).sum().backward()
+    FC.focal_supcon_loss(x, y, backend="triton").backward()
+    assert {name for name, _ in launches} == {"prep", "stats", "grad"}
+    assert all(device == x.device for _, device in launches), launches
+
+
+def test_device_guard_uses_the_tensors_cuda_device(monkeypatch):
+    """For CUDA tensors the guard is torch.cuda.device(tensor.device) (here with a stand-in tensor)."""
+    import types
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or types.SimpleNamespace())
+    fake = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    triton_engine._device(fake)
+    assert entered == [torch.device("cuda", 1)]
+
+
+def test_no_host_synchronisation_in_forward_or_backward():
+    """Nothing on the engine's path needs a value on the host: no .item() / bool(tensor) /
+    .tolist() (aten._local_scalar_dense), no torch.unique, no nonzero or boolean-mask indexing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bad = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            indices = args[1] if "index" in name and len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+            bool_index = any(isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in _flat(indices))
+            if any(k in name for k in ("_local_scalar_dense", "unique", "nonzero", "masked_select")) or bool_index:
+                self.bad.append(name)
+            return func(*args, **(kwargs or {}))
+
+    def _flat(args):
+        for a in args:
+            if isinstance(a, (list, tuple)):
+                yield from _flat(a)
+            else:
+                yield a
+
+    x = torch.randn(18, 19)
+    y = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 0] * 2)
+    ref, ref_y = torch.randn(5, 19), torch.tensor([1, 5, 5, 0, 2])
+    for definition in (SupCon(), SCHaNe(), FocalSupCon()):
+        for ref_args, anchors in (((None, None), 18), ((ref, ref_y), 18), ((None, None), 9)):
+            engine = triton_engine.TritonEngine(torch.float32)
+            with Record() as rec:
+                prep = engine.prepare(x, y, *ref_args, anchors, True)
+                _, _, stats, _ = engine.forward(prep, definition, True, ref_args[0] is not None)
+                engine.backward(prep, definition, stats, torch.ones(anchors), ref_args[0] is not None)
+            assert not rec.bad, (definition.name, rec.bad)

@@ -23,6 +23,8 @@ import resource
 import sys
 import time
 
+from .providers import TAKES_LOGITS
+
 NUM_CLASSES = 100
 VIEWS = 2
 
@@ -40,7 +42,7 @@ def make_inputs(loss: str, n: int, d: int, dtype, device, seed: int = 0):
     features = torch.randn(batch, VIEWS, d, generator=g).to(device=device, dtype=dtype)
     labels = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device)
     logits = None
-    if loss == "clce":
+    if loss in TAKES_LOGITS:
         logits = torch.randn(batch, VIEWS, NUM_CLASSES, generator=g).to(device=device, dtype=dtype)
     return features, labels, logits
 

@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 
 LOSSES = ("supcon", "schane", "focal", "clce")
+TAKES_LOGITS = frozenset(LOSSES[3:])  # losses whose call also takes classifier logits (CLCE)
+SUPCON_ONLY = LOSSES[:1]  # the published codes benchmarked beside fastcon implement SupCon only
 
 # fastcon's engines; each joins the benchmark when fastcon can run it on the device
 FASTCON_BACKENDS = ("native", "triton", "blockwise")
@@ -29,21 +31,29 @@ class Provider:
     is_fastcon: bool = False  # a fast fastcon backend (not the dense reference)
 
 
+# loss name -> how the benchmark calls fastcon's functional API on (features, labels, logits)
+_FASTCON_CALLS = {
+    "supcon": lambda FC, backend: lambda f, y, logits: FC.supcon_loss(f, y, backend=backend),
+    "schane": lambda FC, backend: lambda f, y, logits: FC.schane_loss(f, y, backend=backend),
+    "focal": lambda FC, backend: lambda f, y, logits: FC.focal_supcon_loss(f, y, backend=backend),
+    "clce": lambda FC, backend: lambda f, y, logits: FC.clce_loss(f, logits, y, backend=backend),
+}
+
+
 def _fastcon_builder(backend: str):
     def build(loss: str):
         import fastcon.functional as FC
 
-        if loss == "supcon":
-            return lambda f, y, logits: FC.supcon_loss(f, y, backend=backend)
-        if loss == "schane":
-            return lambda f, y, logits: FC.schane_loss(f, y, backend=backend)
-        if loss == "focal":
-            return lambda f, y, logits: FC.focal_supcon_loss(f, y, backend=backend)
-        if loss == "clce":
-            return lambda f, y, logits: FC.clce_loss(f, logits, y, backend=backend)
-        raise ValueError(f"unknown loss {loss!r}")
+        if loss not in _FASTCON_CALLS:
+            raise ValueError(f"unknown loss {loss!r}")
+        return _FASTCON_CALLS[loss](FC, backend)
 
     return build
+
+
+def _check_supcon_only(loss: str, who: str) -> None:
+    if loss not in SUPCON_ONLY:
+        raise ValueError(f"{who} is benchmarked on SupCon only, not {loss!r}")
 
 
 def _supcontrast_builder(loss: str):
@@ -51,16 +61,14 @@ def _supcontrast_builder(loss: str):
 
     from .supcontrast import supcontrast_loss
 
-    if loss != "supcon":
-        raise ValueError("the SupContrast code implements SupCon only")
+    _check_supcon_only(loss, "the SupContrast code")
     return lambda f, y, logits: supcontrast_loss(F.normalize(f, dim=-1), y)
 
 
 def _pml_builder(loss: str):
     from pytorch_metric_learning.losses import SupConLoss
 
-    if loss != "supcon":
-        raise ValueError("pytorch-metric-learning is benchmarked on SupCon only")
+    _check_supcon_only(loss, "pytorch-metric-learning")
     loss_module = SupConLoss(temperature=0.07)
 
     def loss_fn(f, y, logits):

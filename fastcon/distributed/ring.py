@@ -143,6 +143,8 @@ class _RingContrast(torch.autograd.Function):
             offset = 0 if owner == layout.rank else None
             g_a, g_c = engine.block_grads(anchors, contrast, offset, definition, params, block.shape[0])
             grad_anchors.add_(g_a)
+            if g_c is None:  # an empty block (a rank with no rows): nothing flows back to it
+                return block.new_zeros(block.shape, dtype=dense.dtype)
             return g_c.to(dense.dtype)
 
         grad_x = ring_lap(x, layout, group, visit, trailing=True)

@@ -87,10 +87,12 @@ def link_sides(anchors: Side, contrast: Side, self_pos: Optional[torch.Tensor]) 
     (sorted positions, -1: none; None: no anchor is a contrast row)."""
     if self_pos is not None:
         anchors.pos = self_pos.to(torch.int32)
-        anchor_of = torch.full((contrast.n,), -1, dtype=torch.int32, device=contrast.order.device)
-        inside = self_pos >= 0
-        anchor_of[self_pos[inside]] = torch.arange(anchors.n, dtype=torch.int32, device=anchor_of.device)[inside]
-        contrast.pos = anchor_of
+        # a scatter with a spare last slot for anchors without a contrast row (a boolean mask
+        # would need the number of selected entries on the host: a GPU synchronisation)
+        anchor_of = torch.full((contrast.n + 1,), -1, dtype=torch.int32, device=contrast.order.device)
+        target = torch.where(self_pos >= 0, self_pos.long(), contrast.n)
+        anchor_of[target] = torch.arange(anchors.n, dtype=torch.int32, device=anchor_of.device)
+        contrast.pos = anchor_of[:contrast.n]
     anchors.link(contrast)
     contrast.link(anchors)
 
