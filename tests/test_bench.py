@@ -185,3 +185,22 @@ def test_fastcon_bench_writes_csv_plots_and_tables(tmp_path):
                           capture_output=True, text=True, env=env, cwd=REPO, check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == table
+
+
+def test_triton_extra_memory_at_65536_rows_is_within_64_mb():
+    """benchmarks/triton_memory.py: the Triton engine's buffers (kernels stubbed, host code real)
+    at N = 65536, D = 128, bfloat16 stay under 64 MB beyond the inputs and the gradient."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root
+    proc = subprocess.run([sys.executable, "benchmarks/triton_memory.py"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    figures = [float(x) for x in re.findall(r"extra\s+([\d.]+) MiB", proc.stdout)]
+    assert len(figures) == 3 and all(0 < f <= 64 for f in figures), proc.stdout
