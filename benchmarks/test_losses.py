@@ -19,19 +19,19 @@ CASES = [(loss, p) for p in PROVIDERS for loss in p.losses]
 IDS = [f"{loss}-{p.name}" for loss, p in CASES]
 
 
-def _inputs(loss):
+def _setup(benchmark, loss, provider, mode):
+    """The provider's loss function, fresh inputs, and the benchmark's group for ``mode``."""
     features, labels, logits = make_inputs(loss, N, D, torch.float32, "cpu")
     features.requires_grad_(True)
     if logits is not None:
         logits.requires_grad_(True)
-    return features, labels, logits
+    benchmark.group = f"{loss} {mode} N={N} D={D}"
+    return provider.build(loss), features, labels, logits
 
 
 @pytest.mark.parametrize("loss,provider", CASES, ids=IDS)
 def test_forward(benchmark, loss, provider):
-    loss_fn = provider.build(loss)
-    features, labels, logits = _inputs(loss)
-    benchmark.group = f"{loss} forward N={N} D={D}"
+    loss_fn, features, labels, logits = _setup(benchmark, loss, provider, "forward")
 
     def forward():
         with torch.no_grad():
@@ -43,9 +43,7 @@ def test_forward(benchmark, loss, provider):
 
 @pytest.mark.parametrize("loss,provider", CASES, ids=IDS)
 def test_backward(benchmark, loss, provider):
-    loss_fn = provider.build(loss)
-    features, labels, logits = _inputs(loss)
-    benchmark.group = f"{loss} backward N={N} D={D}"
+    loss_fn, features, labels, logits = _setup(benchmark, loss, provider, "backward")
 
     def setup():
         features.grad = None
@@ -57,9 +55,7 @@ def test_backward(benchmark, loss, provider):
 
 @pytest.mark.parametrize("loss,provider", CASES, ids=IDS)
 def test_forward_backward(benchmark, loss, provider):
-    loss_fn = provider.build(loss)
-    features, labels, logits = _inputs(loss)
-    benchmark.group = f"{loss} forward+backward N={N} D={D}"
+    loss_fn, features, labels, logits = _setup(benchmark, loss, provider, "forward+backward")
 
     def step():
         features.grad = None

@@ -193,8 +193,9 @@ static void grad_tile(const TileArgs<T>& a) {
       }
 #pragma omp simd
       for (int64_t j = 0; j < a.cols; ++j) {
-        const bool positive = cls[j] == cy && s[j] != neg_inf<T>();
-        s[j] = coef * fast_exp(s[j] - lse) - (positive ? pc : T(0));
+        const T x = s[j];  // one load and no short-circuit: the loop stays vectorised
+        const bool positive = (cls[j] == cy) & (x != neg_inf<T>());
+        s[j] = coef * fast_exp(x - lse) - (positive ? pc : T(0));
       }
     } else if (a.kernel_id == 1) {
       // SCHaNe (lse_pos, lse_neg_hard, lse_neg_weight, coef):

@@ -34,7 +34,7 @@ import torch
 LIBRARY_NAME = "libfastcon_native.so"
 SOURCES = ("contrastive.cpp", "tile_math_base.cpp")
 AVX2_SOURCE = "tile_math_avx2.cpp"
-FLAGS = ["-O3", "-std=c++20", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wall",
+FLAGS = ["-O3", "-DNDEBUG", "-std=c++20", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wall",
          "-Wno-unused-function"]
 
 
@@ -72,7 +72,7 @@ def cached_library(src: Path) -> Path:
     for path in sorted(src.iterdir()):
         if path.suffix in (".cpp", ".h"):
             digest.update(path.name.encode() + path.read_bytes())
-    digest.update(f"{torch.__version__}|{torch._C._GLIBCXX_USE_CXX11_ABI}|{sys.version_info[:2]}".encode())
+    digest.update(f"{torch.__version__}|{torch._C._GLIBCXX_USE_CXX11_ABI}|{sys.version_info[:2]}|{FLAGS}".encode())
     key = f"torch-{torch.__version__.replace('+', '_')}-{digest.hexdigest()[:12]}"
     return cache_root() / "native" / key / LIBRARY_NAME
 

@@ -73,13 +73,7 @@ def write_plots(csv_path: str, out_dir: str) -> list[str]:
             for j, mode in enumerate(MODES):
                 series = _series(rows, loss=loss, dtype=dtype, D=d, mode=mode, metric=TIME)
                 _draw(axes[i][j], series, oom, "time (ms), median and p20-p80", f"{loss} {mode}, D={d}, {dtype}")
-        axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"{loss}: time per call (x: out of memory at that N)\n{device}", fontsize=10)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"time_{loss}_{dtype}.png")
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_finish(fig, axes, f"{loss}: time per call", device, os.path.join(out_dir, f"time_{loss}_{dtype}.png")))
 
         fig, axes = plt.subplots(1, len(dims), figsize=(5 * len(dims), 4), squeeze=False)
         for i, d in enumerate(dims):
@@ -89,11 +83,18 @@ def write_plots(csv_path: str, out_dir: str) -> list[str]:
             if idle:
                 axes[0][i].axhline(idle[0], color="gray", linestyle="--", linewidth=1,
                                    label="idle process (torch imported)")
-        axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"{loss}: peak memory (x: out of memory at that N)\n{device}", fontsize=10)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"memory_{loss}_{dtype}.png")
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_finish(fig, axes, f"{loss}: peak memory", device,
+                             os.path.join(out_dir, f"memory_{loss}_{dtype}.png")))
     return paths
+
+
+def _finish(fig, axes, title: str, device: str, path: str) -> str:
+    """Legend, title and layout; save ``fig`` to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{title} (x: out of memory at that N)\n{device}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
