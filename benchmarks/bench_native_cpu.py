@@ -24,11 +24,9 @@ Points:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +35,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from fastcon.bench.measure import peak_rss_mib, write_rows
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -102,8 +102,7 @@ def _step(point):
     return run
 
 
-def _maxrss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+_maxrss_mb = peak_rss_mib
 
 
 def measure_point(point, n, d, repeats):
@@ -185,10 +184,7 @@ def main(argv=None):
                              peak_rss_mb=round(r["peak_rss_mb"], 1), base_rss_mb=round(r["base_rss_mb"], 1)))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(args.out, rows)
 
     print(f"\n{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, float32 fwd+bwd, "
           f"N={args.n}, D={args.d}, {args.rounds} rounds (median over rounds of each round's best)")

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import fastcon  # noqa: E402
 import fastcon.functional as FC  # noqa: E402
+from fastcon.bench.measure import quantile  # noqa: E402
 
 LOSSES = {
     "supcon": FC.supcon_loss,
@@ -36,9 +37,7 @@ CSV_COLUMNS = ("loss", "provider", "mode", "metric", "unit", "N", "D", "dtype", 
                "device name", "fastcon version", "timestamp")
 
 
-def _quantile(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))]
+_quantile = quantile
 
 
 def measure(loss_fn, n, d, dtype, backend, reps, warmup):

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from fastcon.bench.measure import peak_rss_mib
 
 
 def _child(n, d, backend, run):
@@ -31,7 +32,7 @@ def _child(n, d, backend, run):
         x.requires_grad_(True)
         loss = FC.supcon_loss(x, y, backend=backend)
         loss.backward()
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_mb = peak_rss_mib()
     print(json.dumps({"peak_rss_mb": rss_mb}))
 
 

@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from fastcon.bench.measure import write_rows
+
 GIB = 2**30
 
 
@@ -108,10 +110,7 @@ def main(argv=None) -> int:
         print("no point was measured")
         return 1
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gradcache_memory.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(os.path.join(args.out, "gradcache_memory.csv"), rows)
     text = report(rows, args)
     with open(os.path.join(args.out, "gradcache_memory.md"), "w") as f:
         f.write(text)

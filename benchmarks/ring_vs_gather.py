@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import socket
 import sys
 import tempfile
@@ -24,12 +23,10 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastcon.functional as FC
+from fastcon.bench.measure import current_rss_mib, peak_rss_mib
 
 
-def _rss_mib() -> float:
-    # current resident set size (Linux), to subtract from the peak
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+_rss_mib = current_rss_mib  # the resident set now, to subtract from the peak
 
 
 def _worker(rank, world, port, gather, rows, dim, kind, repeats, out_dir):
@@ -48,7 +45,7 @@ def _worker(rank, world, port, gather, rows, dim, kind, repeats, out_dir):
         fn(x, y, gather=gather).backward()
         times.append(time.perf_counter() - t0)
         x.grad = None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = peak_rss_mib()
     with open(os.path.join(out_dir, f"{rank}.txt"), "w") as f:
         f.write(f"{min(times)} {peak - base}\n")
     dist.destroy_process_group()

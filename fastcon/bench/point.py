@@ -19,18 +19,16 @@ torch and fastcon: the floor under every CPU figure.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 
+from .measure import peak_rss_mib  # noqa: F401 - the sweep reads it from here
 from .providers import TAKES_LOGITS
 
 NUM_CLASSES = 100
 VIEWS = 2
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
 def make_inputs(loss: str, n: int, d: int, dtype, device, seed: int = 0):
