@@ -60,3 +60,17 @@ def test_supcon_instructions_per_element(quick_rows):
     assert stats + grad <= LIMIT_INSTR_PER_ELEM, (
         f"SupCon forward + backward {stats:.2f} + {grad:.2f} thread-instructions per element on sm_90 "
         f"(fixed configurations), above {LIMIT_INSTR_PER_ELEM}")
+
+
+def test_configuration_lists():
+    """Each padded D, dtype and target has a list; the fixed SupCon pair of the instruction
+    budget (sm_90 bfloat16, DP = 128) is the one the budget was measured with."""
+    for dp in (16, 32, 64, 128, 256):
+        for dtype in ("bfloat16", "float16", "float32"):
+            for major in (8, 9):
+                for k in ("stats", "grad"):
+                    configs = launch.shipped_configs(k, dp, dtype, major)
+                    assert configs and len(set(configs)) == len(configs)
+                    assert all(bn // 2 >= 16 for _, bn, _, _ in configs), "the positive loop's dot needs BN/2 >= 16"
+    assert launch.shipped_configs("stats", 128, "bfloat16", 9)[0] == (128, 64, 8, 3)
+    assert launch.shipped_configs("grad", 128, "bfloat16", 9)[0] == (64, 64, 4, 2)

@@ -1,11 +1,16 @@
 """Launching the Triton kernels: tile configurations, the autotuner, the grid and the
 split of the column range, with no host synchronisation.
 
-Configurations: one fixed configuration per kernel under ``FASTCON_TRITON_AUTOTUNE=0``
-(bitwise identical results across processes), otherwise a short autotuned list (every entry
-compiles without spills for D up to 256 on sm_80 and sm_90: ``benchmarks/triton_static.py``).
-The autotuner keys on everything that changes the best configuration: a bucket of the two
-sizes, the padded feature size, the loss and every constexpr flag (dtypes are keyed by Triton).
+Configurations: a list per kernel chosen by the padded feature size DP, the dot dtype and
+the GPU's compute capability (asked once per device, host-side: no synchronisation), see
+:func:`shipped_configs`. ``FASTCON_TRITON_AUTOTUNE=0`` runs the list's first entry (bitwise
+identical results across processes); otherwise the autotuner picks from the list (one
+autotuner per list). In bfloat16 and float16 every entry compiles without register spills on
+sm_80 and sm_90 for D in {64, 100, 128, 256} (``benchmarks/triton_static.py``); float32
+(exact FMA products, no tensor cores) still spills in every configuration. The autotuner
+keys on everything that changes the best configuration: a bucket of the two sizes, the
+padded feature size, the dot precision, the loss and every constexpr flag (dtypes are keyed
+by Triton).
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ _GRAD_128_SM90_FP16 = ((32, 64, 4, 2), (64, 32, 4, 3))
 _GRAD_128_SM80 = ((32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 4, 2))
 # DP = 256: the [BM, 256] float32 accumulator takes 32-row tiles
 _GRAD_256 = ((32, 64, 4, 2), (32, 64, 4, 3), (32, 32, 4, 3))
+# float32 (exact FMA products): Triton holds each thread's operands of a product whole in
+# registers, a row and a column of DP values at least, so from DP = 128 on no tile fits in
+# 255 registers; the smallest tiles spill least (and fit at DP = 64)
+_FP32_64 = ((32, 32, 4, 2),)
+_FP32 = ((16, 32, 4, 2),)
 _FLAGS = ["LOSS", "HAS_SELF", "SYMMETRIC", "BETA_ZERO", "BETA_ONE", "GAMMA_ZERO", "GAMMA_ONE", "DP", "DOT_PRECISION"]
 KEYS = {
     "stats": ["size_key", "WITH_DENSE", "WITH_POSITIVE", "NUM_DENSE", "BETA_NEG"] + _FLAGS,
@@ -51,6 +61,8 @@ def shipped_configs(name: str, dp: int, dtype: str, major: int) -> tuple:
     ``dp``, dot dtype ``dtype`` (``bfloat16``, ``float16`` or ``float32``) and compute
     capability major ``major`` (9 and above: the sm_90 lists, below: sm_80's); the first is
     the fixed one. Pure: the static report asks it for targets this machine does not have."""
+    if dtype == "float32":
+        return _FP32_64 if dp <= 64 else _FP32
     if name == "stats":
         return _STATS_256 if dp > 128 else _STATS
     if dp > 128:
