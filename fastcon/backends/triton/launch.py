@@ -5,12 +5,11 @@ Configurations: a list per kernel chosen by the padded feature size DP, the dot 
 the GPU's compute capability (asked once per device, host-side: no synchronisation), see
 :func:`shipped_configs`. ``FASTCON_TRITON_AUTOTUNE=0`` runs the list's first entry (bitwise
 identical results across processes); otherwise the autotuner picks from the list (one
-autotuner per list). In bfloat16 and float16 every entry compiles without register spills on
-sm_80 and sm_90 for D in {64, 100, 128, 256} (``benchmarks/triton_static.py``); float32
-(exact FMA products, no tensor cores) still spills in every configuration. The autotuner
-keys on everything that changes the best configuration: a bucket of the two sizes, the
-padded feature size, the dot precision, the loss and every constexpr flag (dtypes are keyed
-by Triton).
+autotuner per list). Every entry compiles without register spills on sm_80 and sm_90 for
+D in {64, 100, 128, 256}, in bfloat16, float16 and float32 (``benchmarks/triton_static.py``;
+float32 has one configuration per D). The autotuner keys on everything that changes the
+best configuration: a bucket of the two sizes, the padded feature size, the dot precision,
+the loss and every constexpr flag (dtypes are keyed by Triton).
 """
 
 from __future__ import annotations
@@ -26,24 +25,25 @@ from . import kernels
 MAX_DP = 256  # widest padded feature size the kernels hold in one tile
 # (BM, BN, num_warps, num_stages) per kernel. The first entry of each list is the fixed
 # configuration (FASTCON_TRITON_AUTOTUNE=0); the list is the autotuner's candidates. Every
-# entry compiles without register spills for SupCon, SCHaNe and focal SupCon in bfloat16 and
-# float16 on sm_80 and sm_90 at the D the list serves (benchmarks/triton_static.py; the
+# entry compiles without register spills for SupCon, SCHaNe and focal SupCon in bfloat16,
+# float16 and float32 on sm_80 and sm_90 at the D the list serves (benchmarks/triton_static.py; the
 # gradient's d < D epilogue mask makes D = 100 a separate check from D = 128).
 _STATS = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3))
 # DP = 256: 128x128 is over the shared memory of both targets, 64x128 spills on sm_80
 _STATS_256 = ((128, 64, 8, 3), (64, 64, 4, 3))
 # 64x128 spills (SCHaNe on sm_80, focal on sm_90)
 _GRAD_64 = ((64, 64, 4, 2), (64, 32, 4, 3))
-# DP = 128 on sm_90: the wgmma 64x64 tile holds bfloat16 within 255 registers (SupCon 10.9
-# instructions per element) but spills for SCHaNe and focal in float16, which take 32-row tiles
+# DP = 128 on sm_90: the 64x64 tile holds bfloat16 within 255 registers (SupCon 10.9
+# instructions per element, 32x64: 17.6) but spills for SCHaNe and focal in float16, which
+# take 32-row tiles
 _GRAD_128_SM90_BF16 = ((64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2))
 _GRAD_128_SM90_FP16 = ((32, 64, 4, 2), (64, 32, 4, 3))
 # DP = 128 on sm_80: every 64-row, 4-warp tile spills at D = 100 (and SCHaNe's at D = 128)
 _GRAD_128_SM80 = ((32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 4, 2))
 # DP = 256: the [BM, 256] float32 accumulator takes 32-row tiles
 _GRAD_256 = ((32, 64, 4, 2), (32, 64, 4, 3), (32, 32, 4, 3))
-# float32 (exact FMA products, no tensor cores): small tiles. 64-row tiles spill 0.2 to 170 KB;
-# at DP = 128 on sm_90 16x32 spills with 4 warps and fits with 8
+# float32 (exact FMA products, no tensor cores): small tiles (the half-precision 128x64 and
+# 64x64 tiles spill 0.2 to 167 KB); at DP = 128 on sm_90, 16x32 spills with 4 warps, not 8
 _FP32_64 = ((32, 32, 4, 2),)
 _FP32_128 = ((16, 32, 8, 2),)
 _FP32_256 = ((16, 32, 4, 2),)
