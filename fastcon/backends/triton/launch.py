@@ -78,8 +78,9 @@ _MAJOR = {}
 
 
 def _major(device: torch.device) -> int:
-    """Compute capability major of ``device``, asked once per device (no GPU synchronisation)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    """Compute capability major of ``device`` (None: the current one), asked once per device
+    (no GPU synchronisation)."""
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
     if index not in _MAJOR:
         _MAJOR[index] = torch.cuda.get_device_capability(index)[0]
     return _MAJOR[index]
