@@ -16,7 +16,9 @@ import pytest
 
 pytest.importorskip("triton")
 
+from fastcon.backends.triton import launch  # noqa: E402
 from fastcon.bench.static_report import LIMIT_INSTR_PER_ELEM, pair_sums, problems  # noqa: E402
+from fastcon.bench.triton_static import ARCHS, QUICK  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +41,9 @@ def quick_rows(tmp_path_factory):
 
 def test_every_quick_kernel_compiled(quick_rows):
     kernels = [r for r in quick_rows if r["kernel"] in ("stats", "grad")]
-    assert len(kernels) == 14, "4 statistics + 3 gradient configurations on two targets"
+    expected = sum(len(launch.shipped_configs(k, launch.padded_dim(d), dtype, ARCHS[arch] // 10))
+                   for arch, dtype, d in QUICK for k in ("stats", "grad"))
+    assert len(kernels) == expected, "every shipped statistics and gradient configuration of the quick targets"
     assert not [r for r in quick_rows if r["note"].startswith("not compiled")]
     for r in kernels:
         assert int(r["loops"]) == 3, f"expected plain, special and positive loops: {r}"
@@ -56,3 +60,17 @@ def test_supcon_instructions_per_element(quick_rows):
     assert stats + grad <= LIMIT_INSTR_PER_ELEM, (
         f"SupCon forward + backward {stats:.2f} + {grad:.2f} thread-instructions per element on sm_90 "
         f"(fixed configurations), above {LIMIT_INSTR_PER_ELEM}")
+
+
+def test_configuration_lists():
+    """Each padded D, dtype and target has a list; the fixed SupCon pair of the instruction
+    budget (sm_90 bfloat16, DP = 128) is the one the budget was measured with."""
+    for dp in (16, 32, 64, 128, 256):
+        for dtype in ("bfloat16", "float16", "float32"):
+            for major in (8, 9):
+                for k in ("stats", "grad"):
+                    configs = launch.shipped_configs(k, dp, dtype, major)
+                    assert configs and len(set(configs)) == len(configs)
+                    assert all(bn // 2 >= 16 for _, bn, _, _ in configs), "the positive loop's dot needs BN/2 >= 16"
+    assert launch.shipped_configs("stats", 128, "bfloat16", 9)[0] == (128, 64, 8, 3)
+    assert launch.shipped_configs("grad", 128, "bfloat16", 9)[0] == (64, 64, 4, 2)

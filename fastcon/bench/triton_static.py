@@ -1,12 +1,13 @@
 """Static report of the shipped Triton kernels, compiled for sm_90 and sm_80 without a GPU.
 
-Every shipped configuration (``launch.STATS_CONFIGS``, ``launch.GRAD_CONFIGS``, ``launch.FIXED``)
-of the statistics and gradient kernels, and the row preparation kernel, is compiled with
-``triton.compile`` for each loss, dtype and D, specialised as the single-device launch in
-:mod:`fastcon.backends.triton.sides` specialises it (every row an anchor, normalised rows, one
-column split: N = 65536 on an H100). Read from the result: registers and spill bytes (ptxas
--v), tensor-core instructions (SASS), whether the plain column loop is pipelined, and the
-thread-instructions per similarity element of the plain loop:
+Every shipped configuration (``launch.shipped_configs``: the list for each padded D, dtype
+and target, the first entry the fixed one) of the statistics and gradient kernels, and the
+row preparation kernel, is compiled with ``triton.compile`` for each loss, dtype and D,
+specialised as the single-device launch in :mod:`fastcon.backends.triton.sides` specialises
+it (every row an anchor, normalised rows, one column split: N = 65536 on an H100). Read from
+the result: registers and spill bytes (ptxas -v), tensor-core instructions (SASS), whether the
+plain column loop is pipelined, and the thread-instructions per similarity element of the
+plain loop:
 
     instr/elem = (SASS instructions from the loop's label to its backward branch) * 32 * warps
                  / (BM * BN)        # elements of one iteration (BN / 2 in the gradient's positive loop)
@@ -176,14 +177,15 @@ def plan(quick=False, losses=LOSSES, dims=DIMS, fp32_dims=FP32_DIMS, dtypes=DTYP
     for arch, dtype, d in cases:
         jobs.append(("prep_rows", "any", dtype, arch, d, None, "always"))
         for loss in losses:
-            for kernel, configs in (("stats", launch.STATS_CONFIGS), ("grad", launch.GRAD_CONFIGS)):
+            for kernel in ("stats", "grad"):
                 if launch.padded_dim(d) > launch.MAX_DP:
                     jobs.append((kernel, loss, dtype, arch, d, None, "-"))
                     continue
+                configs = launch.shipped_configs(kernel, launch.padded_dim(d), dtype, ARCHS[arch] // 10)
                 for c in configs:
-                    if dtype == "float32" and not fp32_all and tuple(c) != tuple(launch.FIXED[kernel]):
+                    if dtype == "float32" and not fp32_all and tuple(c) != tuple(configs[0]):
                         continue
-                    shipped = "fixed+autotune" if tuple(c) == tuple(launch.FIXED[kernel]) else "autotune"
+                    shipped = "fixed+autotune" if tuple(c) == tuple(configs[0]) else "autotune"
                     jobs.append((kernel, loss, dtype, arch, d, tuple(c), shipped))
     return jobs
 

@@ -1,11 +1,15 @@
 """Launching the Triton kernels: tile configurations, the autotuner, the grid and the
 split of the column range, with no host synchronisation.
 
-Configurations: one fixed configuration per kernel under ``FASTCON_TRITON_AUTOTUNE=0``
-(bitwise identical results across processes), otherwise a short autotuned list (every entry
-compiles without spills for D up to 256 on sm_80 and sm_90: ``benchmarks/triton_static.py``).
-The autotuner keys on everything that changes the best configuration: a bucket of the two
-sizes, the padded feature size, the loss and every constexpr flag (dtypes are keyed by Triton).
+Configurations: a list per kernel chosen by the padded feature size DP, the dot dtype and
+the GPU's compute capability (asked once per device, host-side: no synchronisation), see
+:func:`shipped_configs`. ``FASTCON_TRITON_AUTOTUNE=0`` runs the list's first entry (bitwise
+identical results across processes); otherwise the autotuner picks from the list (one
+autotuner per list). Every entry compiles without register spills on sm_80 and sm_90 for
+D in {64, 100, 128, 256}, in bfloat16, float16 and float32 (``benchmarks/triton_static.py``;
+float32 has one configuration per D). The autotuner keys on everything that changes the
+best configuration: a bucket of the two sizes, the padded feature size, the dot precision,
+the loss and every constexpr flag (dtypes are keyed by Triton).
 """
 
 from __future__ import annotations
@@ -19,9 +23,30 @@ import triton
 from . import kernels
 
 MAX_DP = 256  # widest padded feature size the kernels hold in one tile
-STATS_CONFIGS = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3))
-GRAD_CONFIGS = ((64, 64, 4, 2), (64, 32, 4, 3), (64, 128, 4, 2))
-FIXED = {"stats": (128, 64, 8, 3), "grad": (64, 64, 4, 2)}  # (BM, BN, warps, stages)
+# (BM, BN, num_warps, num_stages) per kernel. The first entry of each list is the fixed
+# configuration (FASTCON_TRITON_AUTOTUNE=0); the list is the autotuner's candidates. Every
+# entry compiles without register spills for SupCon, SCHaNe and focal SupCon in bfloat16,
+# float16 and float32 on sm_80 and sm_90 at the D the list serves (benchmarks/triton_static.py; the
+# gradient's d < D epilogue mask makes D = 100 a separate check from D = 128).
+_STATS = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3))
+# DP = 256: 128x128 is over the shared memory of both targets, 64x128 spills on sm_80
+_STATS_256 = ((128, 64, 8, 3), (64, 64, 4, 3))
+# 64x128 spills (SCHaNe on sm_80, focal on sm_90)
+_GRAD_64 = ((64, 64, 4, 2), (64, 32, 4, 3))
+# DP = 128 on sm_90: the 64x64 tile holds bfloat16 within 255 registers (SupCon 10.9
+# instructions per element, 32x64: 17.6) but spills for SCHaNe and focal in float16, which
+# take 32-row tiles
+_GRAD_128_SM90_BF16 = ((64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2))
+_GRAD_128_SM90_FP16 = ((32, 64, 4, 2), (64, 32, 4, 3))
+# DP = 128 on sm_80: every 64-row, 4-warp tile spills at D = 100 (and SCHaNe's at D = 128)
+_GRAD_128_SM80 = ((32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 4, 2))
+# DP = 256: the [BM, 256] float32 accumulator takes 32-row tiles
+_GRAD_256 = ((32, 64, 4, 2), (32, 64, 4, 3), (32, 32, 4, 3))
+# float32 (exact FMA products, no tensor cores): small tiles (the half-precision 128x64 and
+# 64x64 tiles spill 0.2 to 167 KB); at DP = 128 on sm_90, 16x32 spills with 4 warps, not 8
+_FP32_64 = ((32, 32, 4, 2),)
+_FP32_128 = ((16, 32, 8, 2),)
+_FP32_256 = ((16, 32, 4, 2),)
 _FLAGS = ["LOSS", "HAS_SELF", "SYMMETRIC", "BETA_ZERO", "BETA_ONE", "GAMMA_ZERO", "GAMMA_ONE", "DP", "DOT_PRECISION"]
 KEYS = {
     "stats": ["size_key", "WITH_DENSE", "WITH_POSITIVE", "NUM_DENSE", "BETA_NEG"] + _FLAGS,
@@ -29,6 +54,40 @@ KEYS = {
              "HAS_REF_OUT"] + _FLAGS,
 }
 _tuned = {}
+
+
+def shipped_configs(name: str, dp: int, dtype: str, major: int) -> tuple:
+    """The configurations of kernel ``name`` (``stats`` or ``grad``) for padded feature size
+    ``dp``, dot dtype ``dtype`` (``bfloat16``, ``float16`` or ``float32``) and compute
+    capability major ``major`` (9 and above: the sm_90 lists, below: sm_80's); the first is
+    the fixed one. Pure: the static report asks it for targets this machine does not have."""
+    if dtype == "float32":
+        return _FP32_64 if dp <= 64 else (_FP32_128 if dp <= 128 else _FP32_256)
+    if name == "stats":
+        return _STATS_256 if dp > 128 else _STATS
+    if dp > 128:
+        return _GRAD_256
+    if dp <= 64:
+        return _GRAD_64
+    if major < 9:
+        return _GRAD_128_SM80
+    return _GRAD_128_SM90_BF16 if dtype == "bfloat16" else _GRAD_128_SM90_FP16
+
+
+_MAJOR = {}
+
+
+def _major(device: torch.device) -> int:
+    """Compute capability major of ``device`` (None: the current one), asked once per device
+    (no GPU synchronisation)."""
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    if index not in _MAJOR:
+        _MAJOR[index] = torch.cuda.get_device_capability(index)[0]
+    return _MAJOR[index]
+
+
+def _selection(name: str, dp: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    return shipped_configs(name, dp, str(dtype).replace("torch.", ""), _major(device))
 
 
 def interpreter_enabled() -> bool:
@@ -46,25 +105,27 @@ def _config(shape):
     return triton.Config({"BM": bm, "BN": bn}, num_warps=warps, num_stages=stages)
 
 
-def kernel(name: str):
-    """``stats`` or ``grad``, wrapped in the autotuner on a GPU."""
-    if name not in _tuned:
+def kernel(name: str, dp: int = 0, dtype: torch.dtype = None, device: torch.device = None):
+    """``stats`` or ``grad``, wrapped on a GPU in the autotuner over the configurations of
+    ``dp``, ``dtype`` and ``device``'s architecture (one autotuner per list; each keys on DP
+    and the dot precision too)."""
+    configs = _selection(name, dp, dtype, device) if _autotune() else None
+    if (name, configs) not in _tuned:
         fn = getattr(kernels, f"{name}_kernel")
-        if _autotune():
-            configs = STATS_CONFIGS if name == "stats" else GRAD_CONFIGS
+        if configs is not None:
             fn = triton.autotune(configs=[_config(c) for c in configs], key=KEYS[name])(fn)
-        _tuned[name] = fn
-    return _tuned[name]
+        _tuned[(name, configs)] = fn
+    return _tuned[(name, configs)]
 
 
-def tile_args(name: str) -> dict:
-    """Launch arguments the autotuner would otherwise choose."""
+def tile_args(name: str, dp: int = 0, dtype: torch.dtype = None, device: torch.device = None) -> dict:
+    """Launch arguments the autotuner would otherwise choose: the fixed configuration."""
     if interpreter_enabled():
         t = int(os.environ.get("FASTCON_TRITON_TILE", "16"))
         return {"BM": t, "BN": t}
     if _autotune():
         return {}
-    bm, bn, warps, stages = FIXED[name]
+    bm, bn, warps, stages = _selection(name, dp, dtype, device)[0]
     return {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages}
 
 
