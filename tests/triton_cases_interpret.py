@@ -280,7 +280,7 @@ def test_every_launch_is_made_under_the_tensors_device(monkeypatch):
     original_kernel = launch.kernel
     monkeypatch.setattr(triton_engine, "_device", Guard)
     monkeypatch.setattr(tiles, "prep_rows_kernel", Recording("prep", tiles.prep_rows_kernel))
-    monkeypatch.setattr(launch, "kernel", lambda name: Recording(name, original_kernel(name)))
+    monkeypatch.setattr(launch, "kernel", lambda name, *a, **k: Recording(name, original_kernel(name, *a, **k)))
     x = torch.randn(7, 2, 11, requires_grad=True)
     y = torch.tensor([0, 1, 0, 2, 1, 1, 3])
     queue, queue_y = torch.randn(5, 11, requires_grad=True), torch.tensor([0, 4, 1, 1, 2])
