@@ -74,16 +74,13 @@ def _step(point):
     """One forward+backward of ``point`` as a closure over fresh inputs."""
     import fastcon.functional as FC
 
-    if point == "floor":
+    if point in ("floor", "floor_blocked"):  # the whole s = z z^T at once, or 1024 rows at a time
+        rows = 1024 if point == "floor_blocked" else None
+
         def run(z, _labels):
-            s = z @ z.T
-            s @ z
-            s.T @ z
-        return run
-    if point == "floor_blocked":
-        def run(z, _labels):
-            for r0 in range(0, z.shape[0], 1024):
-                block = z[r0:r0 + 1024]
+            step = rows or z.shape[0]
+            for r0 in range(0, z.shape[0], step):
+                block = z[r0:r0 + step]
                 s = block @ z.T
                 s @ z
                 s.T @ block
