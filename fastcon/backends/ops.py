@@ -6,8 +6,9 @@ all with fake (meta) implementations and registered autograd:
 
 ``fastcon::<backend>_reduced(features, labels, ref, ref_labels, loss, hyper, num_anchors,
 normalize, mean, need_features_grad, need_ref_grad) -> (loss, n_valid, grad_features, grad_ref)``
-    the ``"mean"`` / ``"sum"`` loss and, in the same sweep, its gradient (``backward`` only
-    scales it by the upstream gradient, through ``fastcon::scaled_gradient``);
+    the ``"mean"`` / ``"sum"`` loss and, in the same sweep, the gradient of the summed loss
+    (``backward`` only scales it, by the upstream gradient over the divisor of ``"mean"``,
+    through ``fastcon::scaled_gradient``: one pass, one rounding to the features' dtype);
 ``fastcon::<backend>_rows(...) -> (row_loss, valid, stats)``
     ``reduction="none"``: the per-anchor losses and the row statistics;
 ``fastcon::<backend>_rows_backward(..., stats, weight, ...) -> (grad_features, grad_ref)``
@@ -72,6 +73,15 @@ def _empty_grad(like: Optional[Tensor], needed: bool) -> Tensor:
     return ref.new_empty(0)
 
 
+def _distinct(grad_f: Tensor, grad_r: Tensor) -> Tensor:
+    """``grad_r``, copied if it shares ``grad_f``'s buffer (engines may return two views of one
+    gradient; a custom operator's outputs must not alias each other)."""
+    if grad_r.numel() and grad_f.numel() and grad_r.untyped_storage().data_ptr() == \
+            grad_f.untyped_storage().data_ptr():
+        return grad_r.clone()
+    return grad_r
+
+
 def _no_second_derivative(backend: Optional[str]):
     """The autograd of a gradient operator: differentiating it again is refused, clearly."""
 
@@ -129,10 +139,9 @@ def _register(backend: str):
         grad_r = _empty_grad(ref, False)
         if want:
             grad_f, grad_r = engine.finish(prep, grad, features, ref)
-            grad_f = (grad_f / divisor).to(features.dtype) if need_features_grad else _empty_grad(features, False)
-            grad_r = (grad_r / divisor).to(ref.dtype) if (grad_r is not None and need_ref_grad) else \
-                _empty_grad(ref, False)
-        return total / divisor, n_valid, grad_f, grad_r
+            grad_f = grad_f.to(features.dtype) if need_features_grad else _empty_grad(features, False)
+            grad_r = grad_r.to(ref.dtype) if (grad_r is not None and need_ref_grad) else _empty_grad(ref, False)
+        return total / divisor, n_valid, grad_f, _distinct(grad_f, grad_r)
 
     @reduced.register_fake
     def _(features, labels, ref, ref_labels, loss, hyper, num_anchors, normalize, mean, need_features_grad,
@@ -143,12 +152,14 @@ def _register(backend: str):
 
     def reduced_setup(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1], output[2], output[3])
-        ctx.save_for_backward(output[2], output[3], inputs[0], inputs[2])
+        ctx.mean = inputs[8]
+        ctx.save_for_backward(output[2], output[3], inputs[0], inputs[2], output[1])
 
     def reduced_backward(ctx, grad_loss, _grad_n, _grad_f, _grad_r):
-        grad_f, grad_r, features, ref = ctx.saved_tensors
-        gf = scaled_gradient(grad_f, grad_loss, features, backend) if grad_f.numel() else None
-        gr = scaled_gradient(grad_r, grad_loss, ref, backend) if grad_r.numel() else None
+        grad_f, grad_r, features, ref, n_valid = ctx.saved_tensors
+        scale = grad_loss / n_valid.clamp(min=1).to(grad_loss.dtype) if ctx.mean else grad_loss
+        gf = scaled_gradient(grad_f, scale, features, backend) if grad_f.numel() else None
+        gr = scaled_gradient(grad_r, scale, ref, backend) if grad_r.numel() else None
         return gf, None, gr, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd(f"{ns}_reduced", reduced_backward, setup_context=reduced_setup, lib=_LIB)
@@ -182,10 +193,7 @@ def _register(backend: str):
         grad_f, grad_r = engine.finish(prep, grad, features, ref)
         grad_f = grad_f if need_features_grad else _empty_grad(features, False)
         grad_r = grad_r if (grad_r is not None and need_ref_grad) else _empty_grad(ref, False)
-        if grad_r.numel() and grad_f.numel() and grad_r.untyped_storage().data_ptr() == \
-                grad_f.untyped_storage().data_ptr():
-            grad_r = grad_r.clone()  # both may be views of one buffer; custom ops return distinct tensors
-        return grad_f, grad_r
+        return grad_f, _distinct(grad_f, grad_r)
 
     @rows_backward.register_fake
     def _(features, labels, ref, ref_labels, loss, hyper, num_anchors, normalize, stats, valid, grad_rows,
