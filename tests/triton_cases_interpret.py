@@ -106,6 +106,42 @@ def test_hyper_parameters(kind, overrides):
                                  **overrides)
 
 
+# Many small classes (6 rows each, some straddling the 16-row blocks): a block's class range
+# is two or three 16-wide tiles, so SCHaNe's unmasked plain loop (the columns outside the
+# block's classes) runs on about half the tiles.
+MANY_CLASSES = Case("v2_many_classes", b=45, v=2, d=23, labels=tuple((i * 7) % 15 for i in range(45)))
+
+
+def _schane_plain_tiles(labels, bm=16, bn=16):
+    """How many (row block, column tile) pairs SCHaNe's statistics kernel runs unmasked in the
+    symmetric sweep: full tiles outside the block's class range."""
+    cls = torch.sort(labels).values
+    n = cls.numel()
+    count = 0
+    for row0 in range(0, n, bm):
+        lo = int(torch.searchsorted(cls, cls[row0]))
+        hi = int(torch.searchsorted(cls, cls[min(row0 + bm, n) - 1], right=True))
+        count += sum(1 for t in range(n // bn) if (t + 1) * bn <= lo or t * bn >= hi)
+    return count
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.0, 3.0, -0.5, -1.5])
+def test_schane_unmasked_tiles(beta, monkeypatch):
+    """SCHaNe's plain tiles hold only negatives and take no class test: every beta branch,
+    both backward sweeps, and a memory bank whose classes the anchors share only in part."""
+    _, labels, _, _ = make_inputs(MANY_CLASSES)
+    assert _schane_plain_tiles(labels.repeat(2)) >= 10  # the case exercises the plain loop
+    for reduction in ("mean", "none"):
+        assert_matches_reference("schane", MANY_CLASSES, backend="triton", dtype=torch.float32,
+                                 reduction=reduction, beta=beta)
+    bank = Case("v2_many_classes_ref", b=30, v=2, d=23, labels=tuple((i * 7) % 9 for i in range(30)), n_ref=41,
+                ref_labels=tuple(i % 12 for i in range(41)))
+    assert_matches_reference("schane", bank, backend="triton", dtype=torch.float32, reduction="none", beta=beta)
+    monkeypatch.setattr(triton_engine.TritonEngine, "symmetric_sweep", False)
+    assert_matches_reference("schane", MANY_CLASSES, backend="triton", dtype=torch.float32, reduction="none",
+                             beta=beta)
+
+
 def test_one_mode_with_ref_rows():
     case = Case("v3_one_ref", b=17, v=3, d=11, labels=tuple(i % 5 for i in range(17)), contrast_mode="one",
                 n_ref=9, ref_labels=tuple(i % 7 for i in range(9)))

@@ -7,9 +7,10 @@ positives of a block of rows are one contiguous column range. A program owns ``B
 "other" rows in ``BN`` tiles:
 
 - the **plain loop** runs over every tile that holds neither an own row's self column nor
-  the partial last tile: no mask, one ``tl.dot`` per tile, so the compiler pipelines it;
-- the **special loop** runs over the few others (the band that can hold self columns, and
-  the tail) with masks;
+  the partial last tile (nor, for SCHaNe, whose sums run over negatives only, a column of
+  the block's classes): no mask, one ``tl.dot`` per tile, so the compiler pipelines it;
+- the **special loop** runs over the others (the band that can hold self columns, or
+  SCHaNe's class range, and the tail) with masks;
 - the **positive loop** runs over the block's class range ``[pos_lo, pos_hi)`` only.
 
 A second grid axis splits the plain/special range of columns (``num_splits``) when
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import tile_math as tm
-from .tiles import acc_dot, self_band, load_params, tile_qk, raw_rows, tile_ranges
+from .tiles import acc_dot, class_range, load_params, own_tile, raw_rows, special_band, tile_qk, tile_ranges
 
 
 @triton.jit
@@ -44,35 +45,23 @@ def stats_kernel(own_ptr, other_ptr, own_cls_ptr, other_cls_ptr, own_pos_ptr, po
     ``dense_in [NUM_DENSE, n_own]``). Own row r's self column is ``own_pos[r]`` (``r`` when
     ``SYMMETRIC``; none without ``HAS_SELF`` or where -1). ``size_key`` only keys the autotuner.
     """
-    row0 = tl.program_id(0) * BM
     split = tl.program_id(1)
-    rows = row0 + tl.arange(0, BM)
-    row_ok = rows < n_own
-    d = tl.arange(0, DP)
-    own = tl.load(own_ptr + rows.to(tl.int64)[:, None] * DP + d[None, :], mask=row_ok[:, None], other=0.0)
-    cls_r = tl.load(own_cls_ptr + rows, mask=row_ok, other=-1)
-    if SYMMETRIC:
-        self_col = rows
-    elif HAS_SELF:
-        self_col = tl.load(own_pos_ptr + rows, mask=row_ok, other=-1)
-    else:
-        self_col = rows * 0 - 1
+    row0, rows, row_ok, own, cls_r, self_col = own_tile(own_ptr, own_cls_ptr, own_pos_ptr, n_own, BM, DP,
+                                                        HAS_SELF, SYMMETRIC)
     ninf = tl.full((BM,), float("-inf"), tl.float32)
     zero = tl.zeros((BM,), tl.float32)
     r0, r1, r2, r3 = ninf, zero, zero, tl.full((BM,), float("inf"), tl.float32)
     n_slots = 0
     if WITH_DENSE:
-        band_lo, band_hi = self_band(self_col, row0, n_own, BM, BN, HAS_SELF, SYMMETRIC)
+        band_lo, band_hi = special_band(self_col, pos_lo_ptr, pos_hi_ptr, row0, n_own, BM, BN, HAS_SELF,
+                                        SYMMETRIC, LOSS == tm.SCHANE)
         n_plain, s0, blo, bw, n_special, slo, sw, tail = tile_ranges(n_other, split, num_splits, band_lo,
                                                                       band_hi, BN)
-        for t in range(0, n_plain):
+        for t in range(0, n_plain):  # every column is in A(i), and (SCHaNe) in N(i)
             tile = s0 + t + tl.where(s0 + t >= blo, bw, 0)
             cols = tile * BN + tl.arange(0, BN)
             qk, _ = tile_qk(own, other_ptr, cols, cols < n_other, DP, DOT_PRECISION, UPCAST_DOT, False)
-            neg = qk == qk
-            if LOSS == tm.SCHANE:
-                neg = cls_r[:, None] != tl.load(other_cls_ptr + cols)[None, :]
-            r0, r1, r2, r3 = tm.dense_update(qk, neg, neg, c1, beta, r0, r1, r2, r3, LOSS, False,
+            r0, r1, r2, r3 = tm.dense_update(qk, qk, qk, c1, beta, r0, r1, r2, r3, LOSS, False,
                                              BETA_ZERO, BETA_ONE, BETA_NEG)
         for t in range(0, n_special):
             tile = tl.where(t < sw, slo + t, tail)
@@ -94,8 +83,7 @@ def stats_kernel(own_ptr, other_ptr, own_cls_ptr, other_cls_ptr, own_pos_ptr, po
         d0 = tl.load(dense_in_ptr + rows, mask=row_ok, other=0.0)
     if WITH_POSITIVE:
         lse = tl.where(d0 == float("-inf"), 0.0, d0)[:, None]
-        lo = tl.load(pos_lo_ptr + row0)
-        hi = tl.load(pos_hi_ptr + tl.minimum(row0 + BM, n_own) - 1)
+        lo, hi = class_range(pos_lo_ptr, pos_hi_ptr, row0, n_own, BM)
         p0, p1, p2 = zero, zero, zero
         if LOSS == tm.SCHANE:
             p0 = ninf
@@ -162,32 +150,21 @@ def grad_kernel(own_ptr, other_ptr, own_cls_ptr, other_cls_ptr, own_pos_ptr, pos
     ``ref_off`` in the ref rows; -1: not there). Outputs have the strides of the inputs, whose
     last dimension is contiguous (so the stores are vectorised).
     """
-    row0 = tl.program_id(0) * BM
     split = tl.program_id(1)
-    rows = row0 + tl.arange(0, BM)
-    row_ok = rows < n_own
-    d = tl.arange(0, DP)
-    own = tl.load(own_ptr + rows.to(tl.int64)[:, None] * DP + d[None, :], mask=row_ok[:, None], other=0.0)
-    cls_r = tl.load(own_cls_ptr + rows, mask=row_ok, other=-1)
-    if SYMMETRIC:
-        self_col = rows
-    elif HAS_SELF:
-        self_col = tl.load(own_pos_ptr + rows, mask=row_ok, other=-1)
-    else:
-        self_col = rows * 0 - 1
+    row0, rows, row_ok, own, cls_r, self_col = own_tile(own_ptr, own_cls_ptr, own_pos_ptr, n_own, BM, DP,
+                                                        HAS_SELF, SYMMETRIC)
     rq0, rq1, rq2, rq3 = load_params(own_prm_ptr, rows, row_ok & ROW_PARAMS, n_own, NUM_PARAMS)
     acc = tl.zeros((BM, DP), tl.float32)
-    band_lo, band_hi = self_band(self_col, row0, n_own, BM, BN, HAS_SELF, SYMMETRIC)
+    band_lo, band_hi = special_band(self_col, pos_lo_ptr, pos_hi_ptr, row0, n_own, BM, BN, HAS_SELF, SYMMETRIC,
+                                    LOSS == tm.SCHANE)
     n_plain, s0, blo, bw, n_special, slo, sw, tail = tile_ranges(n_other, split, num_splits, band_lo, band_hi,
                                                                   BN)
-    for t in range(0, n_plain):
+    for t in range(0, n_plain):  # no mask: as in the statistics kernel
         tile = s0 + t + tl.where(s0 + t >= blo, bw, 0)
         cols = tile * BN + tl.arange(0, BN)
         qk, other = tile_qk(own, other_ptr, cols, cols < n_other, DP, DOT_PRECISION, UPCAST_DOT, False)
         g = _tile_grad(qk, c1, inv_t, beta, gamma, rq0, rq1, rq2, rq3, cols, cols < n_other, other_prm_ptr, n_other,
                        False, LOSS, ROW_PARAMS, COL_PARAMS, NUM_PARAMS, BETA_ZERO, BETA_ONE, GAMMA_ZERO, GAMMA_ONE)
-        if LOSS == tm.SCHANE:
-            g = tl.where(cls_r[:, None] != tl.load(other_cls_ptr + cols)[None, :], g, 0.0)
         acc = acc_dot(g, other, acc, DOT_PRECISION, UPCAST_DOT)
     for t in range(0, n_special):
         tile = tl.where(t < sw, slo + t, tail)
@@ -201,8 +178,7 @@ def grad_kernel(own_ptr, other_ptr, own_cls_ptr, other_cls_ptr, own_pos_ptr, pos
             keep = keep & (cls_r[:, None] != tl.load(other_cls_ptr + cols, mask=col_ok, other=-1)[None, :])
         acc = acc_dot(tl.where(keep, g, 0.0), other, acc, DOT_PRECISION, UPCAST_DOT)
     if split == 0:
-        lo = tl.load(pos_lo_ptr + row0)
-        hi = tl.load(pos_hi_ptr + tl.minimum(row0 + BM, n_own) - 1)
+        lo, hi = class_range(pos_lo_ptr, pos_hi_ptr, row0, n_own, BM)
         for c0 in range(lo, hi, BN // 2):  # narrower tiles: the positive part's math holds more registers
             cols = c0 + tl.arange(0, BN // 2)
             col_ok = cols < hi
@@ -222,6 +198,7 @@ def grad_kernel(own_ptr, other_ptr, own_cls_ptr, other_cls_ptr, own_pos_ptr, pos
             acc = tl.dot(tl.where(pos, g, 0.0), other.to(tl.float32), acc,
                          input_precision="ieee" if UPCAST_DOT else DOT_PRECISION)
     g = acc * (inv_t * tl.load(scale_ptr))
+    d = tl.arange(0, DP)
     if PARTIAL:
         tl.store(partial_ptr + (split * n_own + rows.to(tl.int64))[:, None] * DP + d[None, :], g,
                  mask=row_ok[:, None])

@@ -41,16 +41,20 @@ def _shift(m):
 @triton.jit
 def dense_update(qk, keep, neg, c1, beta, r0, r1, r2, r3, LOSS: tl.constexpr, MASKED: tl.constexpr,
                  BETA_ZERO: tl.constexpr, BETA_ONE: tl.constexpr, BETA_NEG: tl.constexpr):
-    """Fold one tile into the dense state. ``keep``: columns in A(i) (read when ``MASKED``);
-    ``neg``: columns in N(i) (SCHaNe, always read)."""
+    """Fold one tile into the dense state. Read only when ``MASKED`` (otherwise every column
+    counts): ``keep``, the columns in A(i); ``neg``, the columns in N(i) (SCHaNe)."""
     if LOSS == SCHANE:
         # masked columns hold -inf, so their exponentials are 0 without a select per sum
         # (a beta of -1 or less would turn -inf into +inf: those keep the selects)
-        x = tl.where(neg, qk, float("-inf"))
+        x = qk
+        y = qk
+        if MASKED:
+            x = tl.where(neg, qk, float("-inf"))
+            y = tl.where(neg, qk, float("inf"))
         m = tl.maximum(r0, tl.max(x, 1))
         lo = r3
         if BETA_NEG:
-            lo = tl.minimum(r3, tl.min(tl.where(neg, qk, float("inf")), 1))
+            lo = tl.minimum(r3, tl.min(y, 1))
         # shifts: (1+b) * (max or min) and b * (max or min), whichever bounds the scaled set
         hi1 = tl.where(1.0 + beta >= 0.0, m, lo)
         hib = tl.where(beta >= 0.0, m, lo)
@@ -63,9 +67,12 @@ def dense_update(qk, keep, neg, c1, beta, r0, r1, r2, r3, LOSS: tl.constexpr, MA
         elif BETA_NEG:
             u = qk * c1
             e1 = tl.exp2((1.0 + beta) * u - ((1.0 + beta) * c1 * _shift(hi1))[:, None])
-            r1 = r1 * _rescale(old1, hi1, (1.0 + beta) * c1) + tl.sum(tl.where(neg, e1, 0.0), 1)
             eb = tl.exp2(beta * u - (beta * c1 * _shift(hib))[:, None])
-            r2 = r2 * _rescale(oldb, hib, beta * c1) + tl.sum(tl.where(neg, eb, 0.0), 1)
+            if MASKED:
+                e1 = tl.where(neg, e1, 0.0)
+                eb = tl.where(neg, eb, 0.0)
+            r1 = r1 * _rescale(old1, hi1, (1.0 + beta) * c1) + tl.sum(e1, 1)
+            r2 = r2 * _rescale(oldb, hib, beta * c1) + tl.sum(eb, 1)
         else:
             u = x * c1
             e1 = tl.exp2((1.0 + beta) * u - ((1.0 + beta) * c1 * _shift(hi1))[:, None])
@@ -144,7 +151,8 @@ def positive_finish(p0, p1, inv_t, c1, LOSS: tl.constexpr):
 @triton.jit
 def dense_grad(qk, c1, beta, q0, q1, q2, q3, LOSS: tl.constexpr, BETA_ZERO: tl.constexpr, BETA_ONE: tl.constexpr):
     """``G`` of the dense part (before masks) from parameters ``q0..q3`` (definition order).
-    SCHaNe's value is for negatives only: the caller masks it."""
+    SCHaNe's value is for negatives only: the plain loop's tiles hold nothing else, the
+    masked loop masks it."""
     u = qk * c1
     if LOSS == SUPCON:  # (lse_all, coef, pos_coef)
         return q1 * tl.exp2(u - q0 * LOG2E)

@@ -59,9 +59,41 @@ def tile_qk(own, other_ptr, cols, col_ok, DP: tl.constexpr, DOT_PRECISION: tl.co
 
 
 @triton.jit
-def self_band(self_col, row0, n_own, BM: tl.constexpr, BN: tl.constexpr, HAS_SELF: tl.constexpr,
-          SYMMETRIC: tl.constexpr):
-    """Tiles ``[lo, hi)`` that may hold a self column of this block's rows (-1: none)."""
+def own_tile(own_ptr, own_cls_ptr, own_pos_ptr, n_own, BM: tl.constexpr, DP: tl.constexpr,
+             HAS_SELF: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """This program's ``BM`` own rows: first row, indices, in-range mask, the tile ``[BM, DP]``
+    (loaded once and kept), classes and self columns (``r`` when ``SYMMETRIC``; ``own_pos``
+    with ``HAS_SELF``, where -1 is none; otherwise none)."""
+    row0 = tl.program_id(0) * BM
+    rows = row0 + tl.arange(0, BM)
+    row_ok = rows < n_own
+    d = tl.arange(0, DP)
+    own = tl.load(own_ptr + rows.to(tl.int64)[:, None] * DP + d[None, :], mask=row_ok[:, None], other=0.0)
+    cls_r = tl.load(own_cls_ptr + rows, mask=row_ok, other=-1)
+    if SYMMETRIC:
+        self_col = rows
+    elif HAS_SELF:
+        self_col = tl.load(own_pos_ptr + rows, mask=row_ok, other=-1)
+    else:
+        self_col = rows * 0 - 1
+    return row0, rows, row_ok, own, cls_r, self_col
+
+
+@triton.jit
+def class_range(pos_lo_ptr, pos_hi_ptr, row0, n_own, BM: tl.constexpr):
+    """Columns ``[lo, hi)`` of the classes of this block's rows (the rows are sorted by class)."""
+    return tl.load(pos_lo_ptr + row0), tl.load(pos_hi_ptr + tl.minimum(row0 + BM, n_own) - 1)
+
+
+@triton.jit
+def special_band(self_col, pos_lo_ptr, pos_hi_ptr, row0, n_own, BM: tl.constexpr, BN: tl.constexpr,
+                 HAS_SELF: tl.constexpr, SYMMETRIC: tl.constexpr, CLASS_BAND: tl.constexpr):
+    """Tiles ``[lo, hi)`` the plain loop leaves to the masked loop: those that may hold a
+    self column of this block's rows or, with ``CLASS_BAND``, a column of their classes (a
+    superset: a row's self column has its class), so that plain tiles need no class test."""
+    if CLASS_BAND:
+        lo, hi = class_range(pos_lo_ptr, pos_hi_ptr, row0, n_own, BM)
+        return tl.where(hi > lo, lo // BN, 0), tl.where(hi > lo, tl.cdiv(hi, BN), 0)
     if not HAS_SELF:
         return 0, 0
     if SYMMETRIC:
