@@ -220,20 +220,20 @@ static void grad_tile(const TileArgs<T>& a) {
         for (int64_t j = 0; j < a.cols; ++j) s[j] = T(0);
         continue;
       }
+      // the positives (few) first, in place; then every other column in one vectorised loop
       for (int64_t j = 0; j < a.cols; ++j) {
-        const T x = s[j];
-        if (x == neg_inf<T>()) {  // the anchor's own column
-          s[j] = T(0);
-          continue;
-        }
-        const T log_p = x - lse;
-        T g = -cf * fast_exp(log_p);
-        if (cls[j] == cy) {
-          T f, fp;
-          focal_terms(log_p, gamma, f, fp);
-          g += coef * fp;
-        }
-        s[j] = g;
+        if (cls[j] != cy || s[j] == neg_inf<T>()) continue;
+        const T log_p = s[j] - lse;
+        T f, fp;
+        focal_terms(log_p, gamma, f, fp);
+        s[j] = coef * fp - cf * fast_exp(log_p);
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < a.cols; ++j) {
+        const T x = s[j];  // one load and no short-circuit: the loop stays vectorised
+        const bool own = x == neg_inf<T>();  // the anchor's own column
+        const bool positive = (cls[j] == cy) & !own;
+        s[j] = positive ? x : (own ? T(0) : -cf * fast_exp(x - lse));
       }
     }
   }
