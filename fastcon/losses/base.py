@@ -96,7 +96,7 @@ class LossDefinition:
 
     name: ClassVar[str]
     kernel_id: ClassVar[int]  # the loss's branch in the Triton and C++ tile math
-    dense_over: ClassVar[str]  # "all" (A(i)) or "negatives" (N(i))
+    dense_over: ClassVar[str] = "all"  # the dense part's columns: "all" (A(i)) or "negatives" (N(i))
     dense_slots: ClassVar[tuple]  # ((name, LSE | SUM), ...)
     positive_slots: ClassVar[tuple]
     param_slots: ClassVar[tuple]  # names of the gradient parameters

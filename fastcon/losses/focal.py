@@ -39,7 +39,6 @@ class FocalSupCon(TemperatureScaled):
 
     name = "focal"
     kernel_id = 2
-    dense_over = "all"
     dense_slots = (("lse_all", LSE),)
     positive_slots = (("sum_f", SUM), ("sum_fprime", SUM))
     tile_temporaries = 7  # [rows, cols] tensors the Python tile math holds at its peak

@@ -20,7 +20,6 @@ from .base import LSE, SUM, RowTerms, TemperatureScaled, keep, masked_lse, maske
 class SupCon(TemperatureScaled):
     name = "supcon"
     kernel_id = 0
-    dense_over = "all"
     dense_slots = (("lse_all", LSE),)
     positive_slots = (("sum_pos", SUM),)
     tile_temporaries = 4  # [rows, cols] tensors the Python tile math holds at its peak
