@@ -9,8 +9,13 @@
 namespace fastcon {
 namespace FASTCON_ISA {
 
-TileKernels<float> kernels_f32() { return {stats_tile<float>, grad_tile<float>}; }
-TileKernels<double> kernels_f64() { return {stats_tile<double>, grad_tile<double>}; }
+template <typename T>
+TileKernels<T> kernels() {
+  return {stats_tile<T>, grad_tile<T>};
+}
+
+template TileKernels<float> kernels<float>();
+template TileKernels<double> kernels<double>();
 
 }  // namespace FASTCON_ISA
 }  // namespace fastcon
