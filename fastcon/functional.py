@@ -23,15 +23,7 @@ import torch.nn.functional as F
 from . import backends
 from .backends.function import batch_loss
 from .distributed import check_gather, distributed_loss, rescale_local_sum
-from .inputs import (
-    REDUCTIONS,
-    check_batch,
-    check_choice,
-    check_finite,
-    check_nonnegative,
-    check_positive,
-    check_unit_interval,
-)
+from .inputs import REDUCTIONS, check_batch, check_choice, check_unit_interval
 from .losses import FocalSupCon, LossDefinition, SCHaNe, SupCon
 
 __all__ = ["supcon_loss", "schane_loss", "clce_loss", "focal_supcon_loss", "contrastive_loss"]
@@ -86,11 +78,9 @@ def supcon_loss(
     ``l_i = -(t / t_base) * mean_{p in P(i)} [ s_ip - LSE_{a in A(i)} s_ia ]``.
     Without labels a ``[B, V, D]`` input is SimCLR's instance discrimination.
     """
-    t = check_positive("temperature", temperature)
-    tb = check_positive("base_temperature", base_temperature)
     return contrastive_loss(
-        features, labels, definition=SupCon(t, tb), contrast_mode=contrast_mode, normalize=normalize,
-        reduction=reduction, backend=backend, ref_features=ref_features, ref_labels=ref_labels,
+        features, labels, definition=SupCon(temperature, base_temperature), contrast_mode=contrast_mode,
+        normalize=normalize, reduction=reduction, backend=backend, ref_features=ref_features, ref_labels=ref_labels,
         process_group=process_group, gather=gather,
     )
 
@@ -114,10 +104,8 @@ def schane_loss(
 
     ``l_i = softplus(log Ng_i - log pos_i)`` with positives averaged inside the log.
     """
-    t = check_positive("temperature", temperature)
-    b = check_finite("beta", beta)
     return contrastive_loss(
-        features, labels, definition=SCHaNe(t, b), normalize=normalize, reduction=reduction,
+        features, labels, definition=SCHaNe(temperature, beta), normalize=normalize, reduction=reduction,
         backend=backend, ref_features=ref_features, ref_labels=ref_labels,
         process_group=process_group, gather=gather,
     )
@@ -143,12 +131,9 @@ def focal_supcon_loss(
     ``l_i = -(t/t_base) / M * sum_{j in P(i)} (1 - p_ij)^gamma log p_ij`` where ``p`` is the
     softmax over ``A(i)`` and ``M`` the number of contrast rows (as the reference code divides).
     """
-    t = check_positive("temperature", temperature)
-    tb = check_positive("base_temperature", base_temperature)
-    g = check_nonnegative("gamma", gamma)
     return contrastive_loss(
-        features, labels, definition=FocalSupCon(t, tb, g), normalize=normalize, reduction=reduction,
-        backend=backend, ref_features=ref_features, ref_labels=ref_labels,
+        features, labels, definition=FocalSupCon(temperature, base_temperature, gamma), normalize=normalize,
+        reduction=reduction, backend=backend, ref_features=ref_features, ref_labels=ref_labels,
         process_group=process_group, gather=gather,
     )
 
@@ -205,17 +190,15 @@ def clce_loss(
     ``[B, C]`` or, for ``[N, D]`` features, ``[N, C]``. ``labels`` are required.
     """
     a = check_unit_interval("alpha", alpha)
-    check_positive("temperature", temperature)
-    check_finite("beta", beta)
+    definition = SCHaNe(temperature, beta)
     if labels is None:
         raise ValueError("labels is required by clce_loss (its cross-entropy term needs classes)")
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
     _check_logits(logits, features)
-    contrastive = schane_loss(
-        features, labels, temperature=temperature, beta=beta, normalize=normalize,
-        backend=backend, ref_features=ref_features, ref_labels=ref_labels,
-        process_group=process_group, gather=gather,
+    contrastive = contrastive_loss(
+        features, labels, definition=definition, normalize=normalize, backend=backend, ref_features=ref_features,
+        ref_labels=ref_labels, process_group=process_group, gather=gather,
     )
     y = torch.as_tensor(labels, device=logits.device).to(torch.int64)
     flat_logits = logits.reshape(-1, logits.shape[-1])

@@ -54,22 +54,11 @@ bool cpu_has_avx2() {
 }
 
 template <typename T>
-TileKernels<T> pick_kernels();
-
-template <>
-TileKernels<float> pick_kernels<float>() {
+TileKernels<T> pick_kernels() {
 #if defined(FASTCON_HAVE_AVX2)
-  if (cpu_has_avx2()) return avx2::kernels_f32();
+  if (cpu_has_avx2()) return avx2::kernels<T>();
 #endif
-  return base::kernels_f32();
-}
-
-template <>
-TileKernels<double> pick_kernels<double>() {
-#if defined(FASTCON_HAVE_AVX2)
-  if (cpu_has_avx2()) return avx2::kernels_f64();
-#endif
-  return base::kernels_f64();
+  return base::kernels<T>();
 }
 
 int64_t group_count(int64_t items, int64_t buffer_bytes) {

@@ -1,6 +1,6 @@
 // Per-tile row math of every loss, written as plain loops over one row of a
 // similarity tile so that the compiler vectorises them. This header is compiled
-// once per instruction set (see tile_math_*.cpp): FASTCON_ISA names the namespace.
+// once per instruction set (see tile_math_isa.cpp): FASTCON_ISA names the namespace.
 // It is the C++ copy of each loss's tile math; the Python definitions in
 // fastcon/losses/ say what each slot and parameter is (their order is the order here).
 //

@@ -40,13 +40,14 @@ struct TileKernels {
   void (*grad)(const TileArgs<T>&);   // G = w_i dl_i/ds_ij over the tile, in place
 };
 
+// One per instruction set (tile_math_isa.cpp), for T = float and double.
 namespace base {
-TileKernels<float> kernels_f32();
-TileKernels<double> kernels_f64();
+template <typename T>
+TileKernels<T> kernels();
 }  // namespace base
 namespace avx2 {
-TileKernels<float> kernels_f32();
-TileKernels<double> kernels_f64();
+template <typename T>
+TileKernels<T> kernels();
 }  // namespace avx2
 
 }  // namespace fastcon

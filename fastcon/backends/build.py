@@ -32,8 +32,9 @@ from typing import Optional
 import torch
 
 LIBRARY_NAME = "libfastcon_native.so"
-SOURCES = ("contrastive.cpp", "tile_math_base.cpp")
-AVX2_SOURCE = "tile_math_avx2.cpp"
+DRIVER_SOURCE = "contrastive.cpp"
+TILE_MATH_SOURCE = "tile_math_isa.cpp"  # compiled once per instruction set, -DFASTCON_ISA naming it
+AVX2_FLAGS = ["-mavx2", "-mfma"]  # the avx2 copy is only called where the CPU has both
 FLAGS = ["-O3", "-DNDEBUG", "-std=c++20", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wall",
          "-Wno-unused-function"]
 
@@ -42,7 +43,7 @@ def source_dir() -> Optional[Path]:
     """The kernel sources: in the installed package, else in the source tree."""
     package = Path(__file__).resolve().parent.parent
     for candidate in (package / "_kernels", package.parent / "kernels"):
-        if (candidate / SOURCES[0]).is_file():
+        if (candidate / DRIVER_SOURCE).is_file():
             return candidate
     return None
 
@@ -82,12 +83,13 @@ def _commands(cxx: str, src: Path, out_dir: Path, library: Path):
     includes = ["-I" + str(src), "-I" + str(torch_dir / "include"),
                 "-I" + str(torch_dir / "include" / "torch" / "csrc" / "api" / "include")]
     common = FLAGS + includes + [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-    sources = [(name, []) for name in SOURCES]
+    units = [(DRIVER_SOURCE, "contrastive.o", []),  # (source, object, its own flags)
+             (TILE_MATH_SOURCE, "tile_math_base.o", ["-DFASTCON_ISA=base"])]
     if uses_avx2():
         common.append("-DFASTCON_HAVE_AVX2")
-        sources.append((AVX2_SOURCE, ["-mavx2", "-mfma"]))
-    compiles = [[cxx, *common, *extra, "-c", str(src / name), "-o", str(out_dir / (name + ".o"))]
-                for name, extra in sources]
+        units.append((TILE_MATH_SOURCE, "tile_math_avx2.o", ["-DFASTCON_ISA=avx2", *AVX2_FLAGS]))
+    compiles = [[cxx, *common, *extra, "-c", str(src / source), "-o", str(out_dir / obj)]
+                for source, obj, extra in units]
     lib_dir = str(torch_dir / "lib")
     link = [cxx, "-shared", "-fopenmp", *(c[-1] for c in compiles), "-L" + lib_dir, "-ltorch_cpu", "-lc10",
             "-Wl,-rpath," + lib_dir, "-o", str(library)]

@@ -3,8 +3,9 @@
 A loss of docs/semantics.md is a sum over anchors of ``f(row statistics)``. Its definition
 (:class:`LossDefinition`, one file per loss in this package) holds, in one place:
 
-- its hyper-parameters (the dataclass fields) and the dense form of ``f`` written
-  like docs/semantics.md (:meth:`dense_rows`, used by the reference backend with autograd);
+- its hyper-parameters (the dataclass fields, checked when it is built) and the dense form
+  of ``f`` written like docs/semantics.md (:meth:`dense_rows`, used by the reference backend
+  with autograd);
 - the streaming form, split in two parts by the columns they read:
 
   * the **dense part** runs over every column of ``A(i)`` (or only ``N(i)``, when
@@ -30,10 +31,12 @@ tensors whose row order is given by :attr:`dense_slots`, :attr:`positive_slots` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import ClassVar, Optional
+from dataclasses import dataclass, field, fields
+from typing import Callable, ClassVar, Optional
 
 import torch
+
+from ..inputs import check_positive
 
 LSE = "lse"  # a log-sum-exp over a subset of the row's columns: merged by log-add-exp
 SUM = "sum"  # a sum over a subset of the row's columns: merged by addition
@@ -78,19 +81,32 @@ def safe_lse(lse: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return keep(lse, valid, math.inf)
 
 
+def hyper_parameter(default: float, check: Callable[[str, float], float]):
+    """A hyper-parameter field. ``check(name, value)`` (from :mod:`fastcon.inputs`) runs when a
+    definition is built and gives the value stored, a float: the functional losses, the modules
+    and the custom operators all build one, so this is the one place each value is checked."""
+    return field(default=default, metadata={"check": check})
+
+
+@dataclass(frozen=True)
 class LossDefinition:
     """Base of the per-loss definitions (frozen dataclasses of hyper-parameters)."""
 
+    temperature: float = hyper_parameter(0.07, check_positive)  # every loss divides z_i . z_j by it
+
     name: ClassVar[str]
     kernel_id: ClassVar[int]  # the loss's branch in the Triton and C++ tile math
-    dense_over: ClassVar[str]  # "all" (A(i)) or "negatives" (N(i))
+    dense_over: ClassVar[str] = "all"  # the dense part's columns: "all" (A(i)) or "negatives" (N(i))
     dense_slots: ClassVar[tuple]  # ((name, LSE | SUM), ...)
     positive_slots: ClassVar[tuple]
     param_slots: ClassVar[tuple]  # names of the gradient parameters
     weight_params: ClassVar[tuple]  # those proportional to the anchor weights (G is linear in them)
     tile_temporaries: ClassVar[int]  # [rows, cols] float tensors the Python tile math holds at once
     positive_reads_dense: ClassVar[bool] = False  # the positive part needs the finished dense part
-    temperature: float
+
+    def __post_init__(self):
+        for f in fields(self):
+            object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
 
     # --- dense form (the reference) ----------------------------------------------------
     def dense_rows(self, s, contrast, pos, neg):
@@ -152,6 +168,18 @@ class LossDefinition:
     @staticmethod
     def merge_rules(slots) -> list:
         return [MERGE_CODES[rule] for _, rule in slots]
+
+
+@dataclass(frozen=True)
+class TemperatureScaled(LossDefinition):
+    """SupContrast's convention, kept by Core-tuning's focal loss: the loss is multiplied by
+    ``scale = t / t_base``."""
+
+    base_temperature: float = hyper_parameter(0.07, check_positive)
+
+    @property
+    def scale(self) -> float:
+        return self.temperature / self.base_temperature
 
 
 def valid_weight(weight: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LSE, SUM, LossDefinition, RowTerms, keep, masked_lse, safe_lse, valid_weight
+from ..inputs import check_nonnegative
+from .base import LSE, SUM, RowTerms, TemperatureScaled, hyper_parameter, keep, masked_lse, safe_lse, valid_weight
 
 
 def focal_terms(log_p: torch.Tensor, gamma: float):
@@ -33,24 +34,17 @@ def focal_terms(log_p: torch.Tensor, gamma: float):
 
 
 @dataclass(frozen=True)
-class FocalSupCon(LossDefinition):
-    temperature: float = 0.07
-    base_temperature: float = 0.07
-    gamma: float = 1.0
+class FocalSupCon(TemperatureScaled):
+    gamma: float = hyper_parameter(1.0, check_nonnegative)
 
     name = "focal"
     kernel_id = 2
-    dense_over = "all"
     dense_slots = (("lse_all", LSE),)
     positive_slots = (("sum_f", SUM), ("sum_fprime", SUM))
     tile_temporaries = 7  # [rows, cols] tensors the Python tile math holds at its peak
     weight_params = ("coef", "coef_fsum")  # the parameters proportional to the anchor weights
     param_slots = ("lse_all", "coef", "coef_fsum")
     positive_reads_dense = True  # L = s - LSE_A(s) needs the whole row's log-sum-exp
-
-    @property
-    def scale(self) -> float:
-        return self.temperature / self.base_temperature
 
     def dense_rows(self, s, contrast, pos, neg):
         valid = pos.sum(1) > 0

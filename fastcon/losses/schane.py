@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import LSE, LossDefinition, RowTerms, keep, masked_lse, safe_lse, valid_weight
+from ..inputs import check_finite
+from .base import LSE, LossDefinition, RowTerms, hyper_parameter, keep, masked_lse, safe_lse, valid_weight
 
 
 @dataclass(frozen=True)
 class SCHaNe(LossDefinition):
-    temperature: float = 0.07
-    beta: float = 1.0
+    beta: float = hyper_parameter(1.0, check_finite)
 
     name = "schane"
     kernel_id = 1

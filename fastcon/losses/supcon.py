@@ -13,26 +13,18 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LSE, SUM, LossDefinition, RowTerms, keep, masked_lse, masked_sum, safe_lse, valid_weight
+from .base import LSE, SUM, RowTerms, TemperatureScaled, keep, masked_lse, masked_sum, safe_lse, valid_weight
 
 
 @dataclass(frozen=True)
-class SupCon(LossDefinition):
-    temperature: float = 0.07
-    base_temperature: float = 0.07
-
+class SupCon(TemperatureScaled):
     name = "supcon"
     kernel_id = 0
-    dense_over = "all"
     dense_slots = (("lse_all", LSE),)
     positive_slots = (("sum_pos", SUM),)
     tile_temporaries = 4  # [rows, cols] tensors the Python tile math holds at its peak
     weight_params = ("coef", "pos_coef")  # the parameters proportional to the anchor weights
     param_slots = ("lse_all", "coef", "pos_coef")
-
-    @property
-    def scale(self) -> float:
-        return self.temperature / self.base_temperature
 
     def dense_rows(self, s, contrast, pos, neg):
         n_pos = pos.sum(1)
