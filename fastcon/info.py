@@ -64,11 +64,10 @@ def collect() -> list:
         why = b.unavailable_reason()
         rows.append((b.name, f"{'available' if why is None else 'unavailable'} on {'/'.join(b.devices)}: "
                              f"{b.summary}" + ("" if why is None else f" -- {why}")))
-    picks = [("auto on cpu", backends.auto("cpu").name)]
-    if torch.cuda.is_available():
-        picks.append(("auto on cuda", backends.auto("cuda").name))
-    else:
-        picks.append(("auto on cuda", f"{next(b.name for b in backends.REGISTRY.values() if 'cuda' in b.auto_for and b.available)} (if a GPU were present)"))
+    # the registry's rule for a CUDA tensor (it needs no GPU to answer)
+    picks = [("auto on cpu", backends.auto("cpu").name),
+             ("auto on cuda", backends.auto("cuda").name + ("" if torch.cuda.is_available()
+                                                            else " (if a GPU were present)"))]
     where = native.location()
     native_rows = [("library", str(where) if where else f"none -- {native.import_error()}"),
                    ("sources", str(build.source_dir())), ("build cache", str(build.cache_root() / "native")),
