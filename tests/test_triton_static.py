@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("triton")
 
 from fastcon.backends.triton import launch  # noqa: E402
-from fastcon.bench.static_report import LIMIT_INSTR_PER_ELEM, pair_sums, problems  # noqa: E402
+from fastcon.bench.static_report import LIMIT_INSTR_PER_ELEM, class_weighted, pair_sums, problems  # noqa: E402
 from fastcon.bench.triton_static import ARCHS, QUICK  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +41,7 @@ def quick_rows(tmp_path_factory):
 
 def test_every_quick_kernel_compiled(quick_rows):
     kernels = [r for r in quick_rows if r["kernel"] in ("stats", "grad")]
-    expected = sum(len(launch.shipped_configs(k, launch.padded_dim(d), dtype, ARCHS[arch] // 10))
+    expected = sum(len(launch.shipped_configs(k, launch.padded_dim(d), dtype, ARCHS[arch] // 10, "supcon"))
                    for arch, dtype, d in QUICK for k in ("stats", "grad"))
     assert len(kernels) == expected, "every shipped statistics and gradient configuration of the quick targets"
     assert not [r for r in quick_rows if r["note"].startswith("not compiled")]
@@ -69,8 +69,27 @@ def test_configuration_lists():
         for dtype in ("bfloat16", "float16", "float32"):
             for major in (8, 9):
                 for k in ("stats", "grad"):
-                    configs = launch.shipped_configs(k, dp, dtype, major)
-                    assert configs and len(set(configs)) == len(configs)
-                    assert all(bn // 2 >= 16 for _, bn, _, _ in configs), "the positive loop's dot needs BN/2 >= 16"
-    assert launch.shipped_configs("stats", 128, "bfloat16", 9)[0] == (128, 64, 8, 3)
-    assert launch.shipped_configs("grad", 128, "bfloat16", 9)[0] == (64, 64, 4, 2)
+                    for loss in ("supcon", "schane", "focal"):
+                        configs = launch.shipped_configs(k, dp, dtype, major, loss)
+                        assert configs and len(set(configs)) == len(configs)
+                        assert all(bn // 2 >= 16 for _, bn, _, _ in configs), "the positive loop's dot needs BN/2 >= 16"
+    assert launch.shipped_configs("stats", 128, "bfloat16", 9, "supcon")[0] == (128, 64, 8, 3)
+    for loss in ("supcon", "schane", "focal"):
+        assert launch.shipped_configs("grad", 128, "bfloat16", 9, loss)[0] == (64, 64, 4, 2)
+    # float16 on sm_90: SupCon's 64x64 gradient tile holds without spills, SCHaNe's and focal's do not
+    assert launch.shipped_configs("grad", 128, "float16", 9, "supcon")[0] == (64, 64, 4, 2)
+    assert launch.shipped_configs("grad", 128, "float16", 9, "schane")[0] == (32, 64, 4, 2)
+
+
+def test_class_weighted_ratios_count_the_masked_loops():
+    """The class-weighted model: SupCon and focal add their positive loop over 1/C of the
+    columns; SCHaNe's plain loop gives up that range to its masked loop."""
+    def row(loss, kernel, plain, special, positive):
+        return dict(loss=loss, kernel=kernel, dtype="bfloat16", arch="sm_90", D="128", shipped="fixed+autotune",
+                    all_loops_instr_per_elem=f"plain:{plain} special:{special} positive:{positive}")
+    rows = [row("supcon", "stats", 8, 12, 10), row("supcon", "grad", 12, 16, 30),
+            row("schane", "stats", 10, 20, 20), row("schane", "grad", 16, 24, 30)]
+    got = class_weighted(rows, classes=(2, 100))[("sm_90", "bfloat16", 128, "schane")]
+    supcon = [20 + 40 / 2, 20 + 40 / 100]
+    schane = [26 / 2 + 94 / 2, 26 * 0.99 + 94 / 100]
+    assert got == pytest.approx([a / b for a, b in zip(schane, supcon)])

@@ -181,7 +181,7 @@ def plan(quick=False, losses=LOSSES, dims=DIMS, fp32_dims=FP32_DIMS, dtypes=DTYP
                 if launch.padded_dim(d) > launch.MAX_DP:
                     jobs.append((kernel, loss, dtype, arch, d, None, "-"))
                     continue
-                configs = launch.shipped_configs(kernel, launch.padded_dim(d), dtype, ARCHS[arch] // 10)
+                configs = launch.shipped_configs(kernel, launch.padded_dim(d), dtype, ARCHS[arch] // 10, loss)
                 for c in configs:
                     if dtype == "float32" and not fp32_all and tuple(c) != tuple(configs[0]):
                         continue

@@ -34,9 +34,9 @@ _STATS_256 = ((128, 64, 8, 3), (64, 64, 4, 3))
 # 64x128 spills (SCHaNe on sm_80, focal on sm_90)
 _GRAD_64 = ((64, 64, 4, 2), (64, 32, 4, 3))
 # DP = 128 on sm_90: the 64x64 tile holds bfloat16 within 255 registers (SupCon 10.9
-# instructions per element, 32x64: 17.6) but spills for SCHaNe and focal in float16, which
-# take 32-row tiles
-_GRAD_128_SM90_BF16 = ((64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2))
+# instructions per element, 32x64: 17.6), and SupCon's float16 too, but spills for SCHaNe and
+# focal in float16 (8 to 40 B), which take 32-row tiles
+_GRAD_128_SM90 = ((64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2))
 _GRAD_128_SM90_FP16 = ((32, 64, 4, 2), (64, 32, 4, 3))
 # DP = 128 on sm_80: every 64-row, 4-warp tile spills at D = 100 (and SCHaNe's at D = 128)
 _GRAD_128_SM80 = ((32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 4, 2))
@@ -56,11 +56,12 @@ KEYS = {
 _tuned = {}
 
 
-def shipped_configs(name: str, dp: int, dtype: str, major: int) -> tuple:
+def shipped_configs(name: str, dp: int, dtype: str, major: int, loss: str = "supcon") -> tuple:
     """The configurations of kernel ``name`` (``stats`` or ``grad``) for padded feature size
-    ``dp``, dot dtype ``dtype`` (``bfloat16``, ``float16`` or ``float32``) and compute
-    capability major ``major`` (9 and above: the sm_90 lists, below: sm_80's); the first is
-    the fixed one. Pure: the static report asks it for targets this machine does not have."""
+    ``dp``, dot dtype ``dtype`` (``bfloat16``, ``float16`` or ``float32``), compute
+    capability major ``major`` (9 and above: the sm_90 lists, below: sm_80's) and loss (a
+    definition's ``name``); the first is the fixed one. Pure: the static report asks it for
+    targets this machine does not have."""
     if dtype == "float32":
         return _FP32_64 if dp <= 64 else (_FP32_128 if dp <= 128 else _FP32_256)
     if name == "stats":
@@ -71,7 +72,7 @@ def shipped_configs(name: str, dp: int, dtype: str, major: int) -> tuple:
         return _GRAD_64
     if major < 9:
         return _GRAD_128_SM80
-    return _GRAD_128_SM90_BF16 if dtype == "bfloat16" else _GRAD_128_SM90_FP16
+    return _GRAD_128_SM90 if dtype == "bfloat16" or loss == "supcon" else _GRAD_128_SM90_FP16
 
 
 _MAJOR = {}
@@ -86,8 +87,8 @@ def _major(device: torch.device) -> int:
     return _MAJOR[index]
 
 
-def _selection(name: str, dp: int, dtype: torch.dtype, device: torch.device) -> tuple:
-    return shipped_configs(name, dp, str(dtype).replace("torch.", ""), _major(device))
+def _selection(name: str, dp: int, dtype: torch.dtype, device: torch.device, loss: str) -> tuple:
+    return shipped_configs(name, dp, str(dtype).replace("torch.", ""), _major(device), loss)
 
 
 def interpreter_enabled() -> bool:
@@ -105,11 +106,11 @@ def _config(shape):
     return triton.Config({"BM": bm, "BN": bn}, num_warps=warps, num_stages=stages)
 
 
-def kernel(name: str, dp: int = 0, dtype: torch.dtype = None, device: torch.device = None):
+def kernel(name: str, dp: int = 0, dtype: torch.dtype = None, device: torch.device = None, loss: str = "supcon"):
     """``stats`` or ``grad``, wrapped on a GPU in the autotuner over the configurations of
-    ``dp``, ``dtype`` and ``device``'s architecture (one autotuner per list; each keys on DP
-    and the dot precision too)."""
-    configs = _selection(name, dp, dtype, device) if _autotune() else None
+    ``dp``, ``dtype``, ``device``'s architecture and ``loss`` (one autotuner per list; each
+    keys on DP, the dot precision and the loss too)."""
+    configs = _selection(name, dp, dtype, device, loss) if _autotune() else None
     if (name, configs) not in _tuned:
         fn = getattr(kernels, f"{name}_kernel")
         if configs is not None:
@@ -118,14 +119,15 @@ def kernel(name: str, dp: int = 0, dtype: torch.dtype = None, device: torch.devi
     return _tuned[(name, configs)]
 
 
-def tile_args(name: str, dp: int = 0, dtype: torch.dtype = None, device: torch.device = None) -> dict:
+def tile_args(name: str, dp: int = 0, dtype: torch.dtype = None, device: torch.device = None,
+              loss: str = "supcon") -> dict:
     """Launch arguments the autotuner would otherwise choose: the fixed configuration."""
     if interpreter_enabled():
         t = int(os.environ.get("FASTCON_TRITON_TILE", "16"))
         return {"BM": t, "BN": t}
     if _autotune():
         return {}
-    bm, bn, warps, stages = _selection(name, dp, dtype, device)[0]
+    bm, bn, warps, stages = _selection(name, dp, dtype, device, loss)[0]
     return {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages}
 
 

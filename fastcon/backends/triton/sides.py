@@ -116,14 +116,14 @@ def _stats_launch(own: Side, other: Side, definition, *, symmetric, has_self, wi
     t = definition.temperature
     grid = lambda meta: (triton.cdiv(own.n, meta["BM"]), splits)  # noqa: E731
     pos = own.pos if own.pos is not None else own.cls
-    launch.kernel("stats", own.dp, own.x.dtype, own.x.device)[grid](
+    launch.kernel("stats", own.dp, own.x.dtype, own.x.device, definition.name)[grid](
         own.x, other.x, own.cls, other.cls, pos, own.pos_lo, own.pos_hi,
         dense_in if dense_in is not None else out, out, own.n, other.n, splits,
         1.4426950408889634 / t, 1.0 / t, k["beta"], k["gamma"],
         WITH_DENSE=with_dense, WITH_POSITIVE=with_positive, HAS_SELF=has_self, SYMMETRIC=symmetric,
         NUM_DENSE=nd, BETA_NEG=k["beta"] < 0, DP=own.dp, size_key=launch.size_key(own.n, other.n),
         **launch.loss_flags(definition), **launch.dot_flags(own.x.dtype),
-        **launch.tile_args("stats", own.dp, own.x.dtype, own.x.device))
+        **launch.tile_args("stats", own.dp, own.x.dtype, own.x.device, definition.name))
     return out
 
 
@@ -186,7 +186,7 @@ def _grad_launch(own: Side, other: Side, definition, own_prm, other_prm, scale, 
     dummy = own.inv_norm if own.inv_norm is not None else scale
     pos = own.pos if own.pos is not None else own.cls
     grid = lambda meta: (triton.cdiv(own.n, meta["BM"]), splits)  # noqa: E731
-    launch.kernel("grad", own.dp, own.x.dtype, own.x.device)[grid](
+    launch.kernel("grad", own.dp, own.x.dtype, own.x.device, definition.name)[grid](
         own.x, other.x, own.cls, other.cls, pos, own.pos_lo, own.pos_hi,
         own_prm if own_prm is not None else other_prm, other_prm if other_prm is not None else own_prm,
         own.n, other.n, splits, 1.4426950408889634 / t, 1.0 / t, k["beta"], k["gamma"],
@@ -199,7 +199,7 @@ def _grad_launch(own: Side, other: Side, definition, own_prm, other_prm, scale, 
         HAS_SELF=has_self, SYMMETRIC=symmetric, PARTIAL=partial, NORMALIZE=own.inv_norm is not None,
         HAS_EXTRA=extra is not None, HAS_REF_OUT=ref_out is not None, DP=own.dp, D=d,
         size_key=launch.size_key(own.n, other.n), **launch.loss_flags(definition),
-        **launch.dot_flags(own.x.dtype), **launch.tile_args("grad", own.dp, own.x.dtype, own.x.device))
+        **launch.dot_flags(own.x.dtype), **launch.tile_args("grad", own.dp, own.x.dtype, own.x.device, definition.name))
     return partial_buf.sum(0) if partial else None
 
 
