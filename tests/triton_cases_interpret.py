@@ -137,6 +137,9 @@ def test_schane_unmasked_tiles(beta, monkeypatch):
     bank = Case("v2_many_classes_ref", b=30, v=2, d=23, labels=tuple((i * 7) % 9 for i in range(30)), n_ref=41,
                 ref_labels=tuple(i % 12 for i in range(41)))
     assert_matches_reference("schane", bank, backend="triton", dtype=torch.float32, reduction="none", beta=beta)
+    if beta == 1.0:  # the default, in the dtypes users train in (half-precision tile products)
+        for dtype in (torch.bfloat16, torch.float16):
+            assert_matches_reference("schane", MANY_CLASSES, backend="triton", dtype=dtype, reduction="none")
     monkeypatch.setattr(triton_engine.TritonEngine, "symmetric_sweep", False)
     assert_matches_reference("schane", MANY_CLASSES, backend="triton", dtype=torch.float32, reduction="none",
                              beta=beta)

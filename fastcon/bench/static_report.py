@@ -59,6 +59,41 @@ def problems(rows):
     return found
 
 
+CLASSES = (2, 10, 100)
+
+
+def _loops(row):
+    return {k: float(v) for k, v in (part.split(":") for part in row["all_loops_instr_per_elem"].split())}
+
+
+def class_weighted(rows, d=128, classes=CLASSES):
+    """``{(arch, dtype, D, loss): ratio to SupCon per C}``: forward + backward instr/elem of the
+    fixed configurations counting every column loop, for ``C`` balanced classes. A block's class
+    range is about ``1/C`` of the columns: every loss's positive loop runs over it as well as
+    the plain loop over everything, except SCHaNe, whose plain loop leaves the class range to
+    the masked ("special") loop. The self band and the tail (``O(N BM)``) are left out."""
+    totals = {}
+    for r in rows:
+        if r.get("shipped") != "fixed+autotune" or r.get("kernel") not in ("stats", "grad") \
+                or int(r["D"]) != d or not r.get("all_loops_instr_per_elem"):
+            continue
+        loops = _loops(r)
+        key = (r["arch"], r["dtype"], d, r["loss"])
+        per = totals.setdefault(key, [0.0] * len(classes))
+        for i, c in enumerate(classes):
+            f = 1.0 / c
+            if r["loss"] == "schane":
+                per[i] += loops["plain"] * (1 - f) + (loops["special"] + loops["positive"]) * f
+            else:
+                per[i] += loops["plain"] + loops["positive"] * f
+    out = {}
+    for (arch, dtype, dd, loss), per in totals.items():
+        base = totals.get((arch, dtype, dd, "supcon"))
+        if loss != "supcon" and base:
+            out[(arch, dtype, dd, loss)] = [x / y for x, y in zip(per, base)]
+    return out
+
+
 def summary(rows):
     """The text table: forward + backward instr/elem of the fixed configurations, the H100 model
     at N = 65536, and each loss's ratio to SupCon."""
@@ -73,6 +108,12 @@ def summary(rows):
         ratio = f"{(s + g) / (base[0] + base[1]):8.2f}" if None not in base else f"{'':8s}"
         ms = f"{model_ms(s + g):8.2f}" if arch == "sm_90" else f"{'-':>8s}"
         lines.append(f"{arch:6s} {dtype:9s} {d:4d} {loss:7s} {s:6.2f} {g:6.2f} {s + g:8.2f} {ms} {ratio}")
+    weighted = class_weighted(rows)
+    if weighted:
+        lines.append(f"all three loops, C balanced classes (the class range is 1/C of the columns), "
+                     f"ratio to SupCon at C = {' / '.join(map(str, CLASSES))}:")
+        for (arch, dtype, d, loss), ratios in sorted(weighted.items()):
+            lines.append(f"  {arch:6s} {dtype:9s} {d:4d} {loss:7s} " + " / ".join(f"{x:.2f}" for x in ratios))
     found = problems(rows)
     lines.append("problems: " + ("none" if not found else ""))
     lines += [f"  {p}" for p in found]

@@ -1,8 +1,9 @@
 """Launching the Triton kernels: tile configurations, the autotuner, the grid and the
 split of the column range, with no host synchronisation.
 
-Configurations: a list per kernel chosen by the padded feature size DP, the dot dtype and
-the GPU's compute capability (asked once per device, host-side: no synchronisation), see
+Configurations: a list per kernel chosen by the padded feature size DP, the dot dtype, the
+GPU's compute capability (asked once per device, host-side: no synchronisation) and, where a
+tile holds for one loss and spills for another, the loss; see
 :func:`shipped_configs`. ``FASTCON_TRITON_AUTOTUNE=0`` runs the list's first entry (bitwise
 identical results across processes); otherwise the autotuner picks from the list (one
 autotuner per list). Every entry compiles without register spills on sm_80 and sm_90 for
@@ -35,9 +36,10 @@ _STATS_256 = ((128, 64, 8, 3), (64, 64, 4, 3))
 _GRAD_64 = ((64, 64, 4, 2), (64, 32, 4, 3))
 # DP = 128 on sm_90: the 64x64 tile holds bfloat16 within 255 registers (SupCon 10.9
 # instructions per element, 32x64: 17.6), and SupCon's float16 too, but spills for SCHaNe and
-# focal in float16 (8 to 40 B), which take 32-row tiles
+# focal in float16 (8 to 40 B, and 64x64 with 8 warps costs 32 / 22 per element), which take
+# 64x32 (SCHaNe 18.4, focal 13.7; 32x64: 20.9 / 17.6)
 _GRAD_128_SM90 = ((64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2))
-_GRAD_128_SM90_FP16 = ((32, 64, 4, 2), (64, 32, 4, 3))
+_GRAD_128_SM90_FP16 = ((64, 32, 4, 3), (32, 64, 4, 2))
 # DP = 128 on sm_80: every 64-row, 4-warp tile spills at D = 100 (and SCHaNe's at D = 128)
 _GRAD_128_SM80 = ((32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 4, 2))
 # DP = 256: the [BM, 256] float32 accumulator takes 32-row tiles
