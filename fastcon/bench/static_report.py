@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import os
 
+from ..losses import DEFINITIONS
+
 LOSSES = ("supcon", "schane", "focal")
 N_MODEL = 65536
 H100 = {"sms": 132, "schedulers": 4, "lanes": 32, "hz": 1.755e9}
@@ -70,8 +72,8 @@ def class_weighted(rows, d=128, classes=CLASSES):
     """``{(arch, dtype, D, loss): ratio to SupCon per C}``: forward + backward instr/elem of the
     fixed configurations counting every column loop, for ``C`` balanced classes. A block's class
     range is about ``1/C`` of the columns: every loss's positive loop runs over it as well as
-    the plain loop over everything, except SCHaNe, whose plain loop leaves the class range to
-    the masked ("special") loop. The self band and the tail (``O(N BM)``) are left out."""
+    the plain loop over everything, except where the dense part runs over negatives only
+    (SCHaNe): the kernels' plain loop then leaves the class range to the masked ("special") loop. The self band and the tail (``O(N BM)``) are left out."""
     totals = {}
     for r in rows:
         if r.get("shipped") != "fixed+autotune" or r.get("kernel") not in ("stats", "grad") \
@@ -80,17 +82,18 @@ def class_weighted(rows, d=128, classes=CLASSES):
         loops = _loops(r)
         key = (r["arch"], r["dtype"], d, r["loss"])
         per = totals.setdefault(key, [0.0] * len(classes))
+        negatives_only = DEFINITIONS[r["loss"]].dense_over == "negatives"  # the kernels' class band
         for i, c in enumerate(classes):
             f = 1.0 / c
-            if r["loss"] == "schane":
+            if negatives_only:
                 per[i] += loops["plain"] * (1 - f) + (loops["special"] + loops["positive"]) * f
             else:
                 per[i] += loops["plain"] + loops["positive"] * f
     out = {}
-    for (arch, dtype, dd, loss), per in totals.items():
-        base = totals.get((arch, dtype, dd, "supcon"))
-        if loss != "supcon" and base:
-            out[(arch, dtype, dd, loss)] = [x / y for x, y in zip(per, base)]
+    for key, per in totals.items():
+        base = totals.get(key[:3] + ("supcon",))
+        if base is not None and per is not base:
+            out[key] = [x / y for x, y in zip(per, base)]
     return out
 
 

@@ -40,6 +40,7 @@ _GRAD_64 = ((64, 64, 4, 2), (64, 32, 4, 3))
 # 64x32 (SCHaNe 18.4, focal 13.7; 32x64: 20.9 / 17.6)
 _GRAD_128_SM90 = ((64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2))
 _GRAD_128_SM90_FP16 = ((64, 32, 4, 3), (32, 64, 4, 2))
+_GRAD_128_SM90_FP16_BY_LOSS = {"supcon": _GRAD_128_SM90}  # the losses whose 64x64 float16 tile holds
 # DP = 128 on sm_80: every 64-row, 4-warp tile spills at D = 100 (and SCHaNe's at D = 128)
 _GRAD_128_SM80 = ((32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 4, 2))
 # DP = 256: the [BM, 256] float32 accumulator takes 32-row tiles
@@ -74,7 +75,9 @@ def shipped_configs(name: str, dp: int, dtype: str, major: int, loss: str = "sup
         return _GRAD_64
     if major < 9:
         return _GRAD_128_SM80
-    return _GRAD_128_SM90 if dtype == "bfloat16" or loss == "supcon" else _GRAD_128_SM90_FP16
+    if dtype == "float16":
+        return _GRAD_128_SM90_FP16_BY_LOSS.get(loss, _GRAD_128_SM90_FP16)
+    return _GRAD_128_SM90
 
 
 _MAJOR = {}
