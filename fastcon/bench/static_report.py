@@ -73,7 +73,8 @@ def class_weighted(rows, d=128, classes=CLASSES):
     fixed configurations counting every column loop, for ``C`` balanced classes. A block's class
     range is about ``1/C`` of the columns: every loss's positive loop runs over it as well as
     the plain loop over everything, except where the dense part runs over negatives only
-    (SCHaNe): the kernels' plain loop then leaves the class range to the masked ("special") loop. The self band and the tail (``O(N BM)``) are left out."""
+    (SCHaNe): the kernels' plain loop then leaves the class range to the masked ("special")
+    loop. The self band and the tail (``O(N BM)``) are left out."""
     totals = {}
     for r in rows:
         if r.get("shipped") != "fixed+autotune" or r.get("kernel") not in ("stats", "grad") \
