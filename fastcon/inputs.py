@@ -79,8 +79,9 @@ def _check_labels(name: str, labels, expected: int, device: torch.device, what: 
 
 
 def flatten_features(features: torch.Tensor, labels, *, name="features", label_name="labels", rows=True,
-                     allow_empty=False):
-    """``[B, V, D]`` or ``[N, D]`` -> ``([V*B, D] view-major (None unless rows), labels [V*B], B, V)``."""
+                     allow_empty=False, repeat=True):
+    """``[B, V, D]`` or ``[N, D]`` -> ``([V*B, D] view-major (None unless rows), labels [V*B], B, V)``
+    (``repeat=False``: the labels of the B samples, not repeated per view)."""
     features = _check_features(name, features)
     if features.dim() == 3:
         b, v, d = features.shape
@@ -91,7 +92,7 @@ def flatten_features(features: torch.Tensor, labels, *, name="features", label_n
         else:
             labels = _check_labels(label_name, labels, b, features.device, f"the batch size B of {name} [B, V, D]")
         flat = flatten_rows(features) if rows else None  # row v*B + b is view v of sample b
-        return flat, labels.repeat(v), b, v
+        return flat, (labels.repeat(v) if repeat and v > 1 else labels), b, v
     if features.dim() == 2:
         n, d = features.shape
         if (n == 0 and not allow_empty) or d == 0:
@@ -112,9 +113,11 @@ class Batch:
 
     ``features`` is the user's tensor (``[B, V, D]`` or ``[N, D]``, any float dtype); its rows
     flattened view-major are the M batch rows (row ``v*B + b`` is view v of sample b) and
-    ``labels [M]`` their labels. ``ref [R, D]`` / ``ref_labels [R]`` are the extra contrast rows
-    (unlabelled ones get a label no batch row has). The anchors are the first
-    ``num_anchors`` batch rows.
+    ``labels [M]`` their labels. ``ref [R, D]`` are the extra contrast rows and ``ref_labels``
+    the labels of its first ``L <= R`` rows (None: ``L = 0``); the other ``R - L`` rows are
+    unlabelled, negatives of every anchor, which the backends give a class of their own (no
+    label value is reserved for them, so every int64 label is a user's). The anchors are the
+    first ``num_anchors`` batch rows.
     """
 
     features: torch.Tensor
@@ -126,6 +129,13 @@ class Batch:
     @property
     def num_rows(self) -> int:
         return self.labels.shape[0]
+
+    @property
+    def num_unlabelled(self) -> int:
+        """How many ref rows (the last ones) have no label."""
+        if self.ref is None:
+            return 0
+        return self.ref.shape[0] - (0 if self.ref_labels is None else self.ref_labels.shape[0])
 
     @property
     def rows(self) -> torch.Tensor:
@@ -161,7 +171,7 @@ def check_batch(
     ``allow_empty``: a batch of no samples is valid (a rank's share of a distributed batch)."""
     check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
     features = _check_features("features", features)
-    _, y, b, _ = flatten_features(features, labels, rows=False, allow_empty=allow_empty)
+    _, y, b, v = flatten_features(features, labels, rows=False, allow_empty=allow_empty, repeat=False)
     ref = ref_y = None
     if ref_features is not None:
         _check_features("ref_features", ref_features)
@@ -185,11 +195,13 @@ def check_batch(
             raise ValueError(f"ref_features has feature size {ref.shape[-1]} but features has {features.shape[-1]}")
         if ref.device != features.device:
             raise ValueError(f"ref_features is on {ref.device} but features is on {features.device}")
-        if ref_y is None:
-            # unlabelled extra rows are negatives of every anchor: a label no batch row has
-            top = y.max() + 1 if y.numel() else torch.zeros((), dtype=torch.int64, device=features.device)
-            ref_y = top.expand(ref.shape[0]).contiguous()
     elif ref_labels is not None:
         raise ValueError("ref_labels was given without ref_features")
-    num_anchors = y.shape[0] if contrast_mode == "all" else b
+    m = b * v
+    if ref_y is not None:  # one tensor, the batch rows' labels and the ref rows' as two views of it
+        joined = torch.cat([y] * v + [ref_y])
+        y, ref_y = joined[:m], joined[m:]
+    elif v > 1:
+        y = y.repeat(v)
+    num_anchors = m if contrast_mode == "all" else b
     return Batch(features, y, ref, ref_y, num_anchors)

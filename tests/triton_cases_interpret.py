@@ -203,8 +203,9 @@ def test_host_never_allocates_n_by_n(kind):
     definition = DEFINITIONS[kind]
     with _LargestTensor() as probe:
         prep = engine.prepare(x, labels, None, None, n, True)
-        _, valid, stats, (grad, _) = engine.forward(prep, definition, True, False)
-        engine.backward(prep, definition, stats, torch.rand(n), False)
+        _, _, grad, _ = engine.reduced(prep, definition, True, True, False)
+        _, valid, stats = engine.rows(prep, definition)
+        engine.rows_backward(prep, definition, stats, torch.rand(n), True, False)
     assert grad.shape == (n, d) and valid.all()
     # O(N * D): the largest is the padded copy of the rows (D = 5 -> 16 columns), which the
     # interpreter copies as bytes when it launches a kernel (4 per float32 element)
@@ -374,6 +375,8 @@ def test_no_host_synchronisation_in_forward_or_backward():
             engine = triton_engine.TritonEngine(torch.float32)
             with Record() as rec:
                 prep = engine.prepare(x, y, *ref_args, anchors, True)
-                _, _, stats, _ = engine.forward(prep, definition, True, ref_args[0] is not None)
-                engine.backward(prep, definition, stats, torch.ones(anchors), ref_args[0] is not None)
+                need_r = ref_args[0] is not None
+                engine.reduced(prep, definition, True, True, need_r)
+                _, _, stats = engine.rows(prep, definition)
+                engine.rows_backward(prep, definition, stats, torch.ones(anchors), True, need_r)
             assert not rec.bad, (definition.name, rec.bad)

@@ -41,6 +41,32 @@ def label_ranks(labels: torch.Tensor) -> torch.Tensor:
     return ranks.to(torch.int32)
 
 
+def joined_labels(labels: torch.Tensor, ref_labels: Optional[torch.Tensor]) -> torch.Tensor:
+    """``cat([labels, ref_labels])`` (``labels`` when ``ref_labels`` is None), without a copy when
+    the two are consecutive parts of one tensor, as :func:`~fastcon.inputs.check_batch` makes them."""
+    if ref_labels is None:
+        return labels
+    m = labels.shape[0]
+    adjacent = (labels.is_contiguous() and ref_labels.is_contiguous() and labels.dtype == ref_labels.dtype
+                and not torch.compiler.is_compiling()
+                and labels.untyped_storage().data_ptr() == ref_labels.untyped_storage().data_ptr()
+                and ref_labels.storage_offset() == labels.storage_offset() + m)
+    if adjacent:
+        return labels.as_strided((m + ref_labels.shape[0],), (1,), labels.storage_offset())
+    return torch.cat([labels, ref_labels])
+
+
+def contrast_ranks(labels: torch.Tensor, ref_labels, num_unlabelled: int) -> torch.Tensor:
+    """int32 class ids of the contrast rows: the batch rows' ``labels``, the labelled ref rows'
+    ``ref_labels`` (None: none), then ``num_unlabelled`` unlabelled ref rows, which share a class
+    that no labelled row has (the number of labelled rows: larger than any of their ranks)."""
+    y = joined_labels(labels, ref_labels)
+    ranks = label_ranks(y)
+    if num_unlabelled:
+        ranks = torch.cat([ranks, ranks.new_full((num_unlabelled,), y.shape[0])])
+    return ranks
+
+
 def class_sizes(ranks: torch.Tensor) -> torch.Tensor:
     """``sizes[i]``: how many rows share row i's class (row i included)."""
     r = ranks.to(torch.int64)
@@ -70,6 +96,8 @@ class Prepared:
     num_anchors: int  # A
     inv_norm: Optional[torch.Tensor]  # [K] float: 1 / |row| (None without normalisation)
     counts: Counts
+    features: Optional[torch.Tensor] = None  # the user's batch rows and ref rows, as given
+    ref: Optional[torch.Tensor] = None
 
     @property
     def anchors(self) -> Rows:
@@ -79,6 +107,13 @@ class Prepared:
     @property
     def contrast(self) -> Rows:
         return Rows(self.x, self.ranks)
+
+
+def unlabelled_rows(ref, ref_labels) -> int:
+    """How many of the ref rows (the last ones) have no label."""
+    if ref is None:
+        return 0
+    return ref.shape[0] - (0 if ref_labels is None else ref_labels.shape[0])
 
 
 def normalize_rows(rows: torch.Tensor, dtype: torch.dtype, normalize: bool):
@@ -123,7 +158,7 @@ class Engine:
         """``(x, inv_norm)``: raw rows ``[n, D]`` normalised into the engine's dtype."""
         return normalize_rows(raw, self.dtype_for(raw.dtype), normalize)
 
-    def rows_backward(self, grad: torch.Tensor, x: torch.Tensor, inv_norm) -> torch.Tensor:
+    def normalized_backward(self, grad: torch.Tensor, x: torch.Tensor, inv_norm) -> torch.Tensor:
         """Gradient w.r.t. the raw rows from the gradient w.r.t. ``x`` (compute dtype)."""
         return normalize_backward(grad.to(compute_dtype(x.dtype)), x, inv_norm)
 
@@ -132,15 +167,15 @@ class Engine:
         rows = flatten_rows(features)
         contrast = rows if ref is None else torch.cat([rows, ref.to(rows.dtype)])
         x, inv = self.make_rows(contrast, normalize)
-        ranks = label_ranks(labels if ref is None else torch.cat([labels, ref_labels]))
+        ranks = contrast_ranks(labels, ref_labels, unlabelled_rows(ref, ref_labels))
         counts = counts_for(ranks, num_anchors, compute_dtype(x.dtype))
-        return Prepared(x, ranks, rows.shape[0], num_anchors, inv, counts)
+        return Prepared(x, ranks, rows.shape[0], num_anchors, inv, counts, features, ref)
 
     def finish(self, prep: Prepared, grad_x: torch.Tensor, features, ref):
         """``(grad of features, grad of ref or None)`` from the gradient w.r.t. the normalised rows."""
         n = grad_x.shape[0]
         inv = None if prep.inv_norm is None else prep.inv_norm[:n]
-        g = self.rows_backward(grad_x, prep.x[:n], inv)
+        g = self.normalized_backward(grad_x, prep.x[:n], inv)
         grad_features = unflatten_rows(g[: prep.num_rows], features).to(features.dtype)
         grad_ref = g[prep.num_rows:].to(ref.dtype) if (ref is not None and n > prep.num_rows) else None
         return grad_features, grad_ref
@@ -195,6 +230,39 @@ class Engine:
     def backward(self, prep: Prepared, definition, stats, weight, need_ref_grad: bool):
         terms = split_finalize(definition, stats, prep.counts, weight)
         return self.gradients(prep, definition, terms.params, need_ref_grad)
+
+    # --- what the operators call ---------------------------------------------------------
+    def stats_rows(self, definition) -> int:
+        """Rows of the statistics :meth:`rows` returns (what :meth:`rows_backward` reads)."""
+        return len(definition.dense_slots) + len(definition.positive_slots)
+
+    def reduced(self, prep: Prepared, definition, mean: bool, need_f: bool, need_r: bool):
+        """``(loss, n_valid, grad of features or None, grad of ref or None)``: the ``"mean"`` (or
+        ``"sum"``) loss and, in the same sweep, its gradient."""
+        want = need_f or need_r
+        row_loss, valid, _, grad = self.forward(prep, definition, want, need_r)
+        n_valid = valid.sum()
+        total = row_loss.sum()
+        if mean:
+            divisor = n_valid.clamp(min=1).to(total.dtype)
+            total = total / divisor
+            if want:
+                grad = grad.div_(divisor)
+        grad_f = grad_r = None
+        if want:
+            grad_f, grad_r = self.finish(prep, grad, prep.features, prep.ref)
+        return total, n_valid, (grad_f if need_f else None), (grad_r if need_r else None)
+
+    def rows(self, prep: Prepared, definition):
+        """``(per-anchor loss, valid, statistics)`` of ``reduction="none"``."""
+        row_loss, valid, stats, _ = self.forward(prep, definition, False, False)
+        return row_loss, valid, stats
+
+    def rows_backward(self, prep: Prepared, definition, stats, grad_rows, need_f: bool, need_r: bool):
+        """Gradients of ``sum_i grad_rows_i l_i`` from the statistics of :meth:`rows`."""
+        grad = self.backward(prep, definition, stats, grad_rows.to(stats.dtype), need_r)
+        grad_f, grad_r = self.finish(prep, grad, prep.features, prep.ref)
+        return (grad_f if need_f else None), (grad_r if need_r else None)
 
 
 def split_finalize(definition: LossDefinition, stats, counts: Counts, weight):

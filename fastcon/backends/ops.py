@@ -22,6 +22,7 @@ which raises an error naming the backend that supports it (``reference``).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -118,6 +119,17 @@ torch.library.register_autograd("fastcon::scaled_gradient", _no_second_derivativ
                                 setup_context=_setup_none, lib=_LIB)
 
 
+@functools.lru_cache(maxsize=64)
+def _definition(loss: str, hyper: tuple):
+    return make_definition(loss, hyper)
+
+
+def _prepared(backend: str, features, labels, ref, ref_labels, loss, hyper, num_anchors, normalize):
+    definition = _definition(loss, tuple(hyper))
+    engine = _engine(backend, features.dtype)
+    return engine, definition, engine.prepare(features, labels, ref, ref_labels, num_anchors, normalize)
+
+
 def _register(backend: str):
     """The three operators of one engine."""
     ns = f"fastcon::{backend}"
@@ -126,22 +138,13 @@ def _register(backend: str):
     def reduced(features: Tensor, labels: Tensor, ref: Optional[Tensor], ref_labels: Optional[Tensor], loss: str,
                 hyper: list[float], num_anchors: int, normalize: bool, mean: bool, need_features_grad: bool,
                 need_ref_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        definition = make_definition(loss, hyper)
-        engine = _engine(backend, features.dtype)
-        prep = engine.prepare(features, labels, ref, ref_labels, num_anchors, normalize)
-        want = need_features_grad or need_ref_grad
-        row_loss, valid, _, grad = engine.forward(prep, definition, want, need_ref_grad)
-        n_valid = valid.sum()
-        total = row_loss.sum()
-        divisor = n_valid.clamp(min=1).to(total.dtype) if mean else torch.ones((), dtype=total.dtype,
-                                                                              device=total.device)
-        grad_f = _empty_grad(features, False)
-        grad_r = _empty_grad(ref, False)
-        if want:
-            grad_f, grad_r = engine.finish(prep, grad, features, ref)
-            grad_f = grad_f.to(features.dtype) if need_features_grad else _empty_grad(features, False)
-            grad_r = grad_r.to(ref.dtype) if (grad_r is not None and need_ref_grad) else _empty_grad(ref, False)
-        return total / divisor, n_valid, grad_f, _distinct(grad_f, grad_r)
+        engine, definition, prep = _prepared(backend, features, labels, ref, ref_labels, loss, hyper, num_anchors,
+                                             normalize)
+        total, n_valid, grad_f, grad_r = engine.reduced(prep, definition, mean, need_features_grad,
+                                                        need_ref_grad and ref is not None)
+        grad_f = grad_f if grad_f is not None else _empty_grad(features, False)
+        grad_r = grad_r if grad_r is not None else _empty_grad(ref, False)
+        return total, n_valid, grad_f, _distinct(grad_f, grad_r)
 
     @reduced.register_fake
     def _(features, labels, ref, ref_labels, loss, hyper, num_anchors, normalize, mean, need_features_grad,
@@ -152,14 +155,13 @@ def _register(backend: str):
 
     def reduced_setup(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1], output[2], output[3])
-        ctx.mean = inputs[8]
-        ctx.save_for_backward(output[2], output[3], inputs[0], inputs[2], output[1])
+        ctx.save_for_backward(output[2], output[3], inputs[0], inputs[2])
 
     def reduced_backward(ctx, grad_loss, _grad_n, _grad_f, _grad_r):
-        grad_f, grad_r, features, ref, n_valid = ctx.saved_tensors
-        scale = grad_loss / n_valid.clamp(min=1).to(grad_loss.dtype) if ctx.mean else grad_loss
-        gf = scaled_gradient(grad_f, scale, features, backend) if grad_f.numel() else None
-        gr = scaled_gradient(grad_r, scale, ref, backend) if grad_r.numel() else None
+        # the gradients are those of the returned loss ("mean" divided already): scale once
+        grad_f, grad_r, features, ref = ctx.saved_tensors
+        gf = scaled_gradient(grad_f, grad_loss, features, backend) if grad_f.numel() else None
+        gr = scaled_gradient(grad_r, grad_loss, ref, backend) if grad_r.numel() else None
         return gf, None, gr, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd(f"{ns}_reduced", reduced_backward, setup_context=reduced_setup, lib=_LIB)
@@ -167,17 +169,16 @@ def _register(backend: str):
     @_custom_op(f"{ns}_rows")
     def rows(features: Tensor, labels: Tensor, ref: Optional[Tensor], ref_labels: Optional[Tensor], loss: str,
              hyper: list[float], num_anchors: int, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
-        definition = make_definition(loss, hyper)
-        engine = _engine(backend, features.dtype)
-        prep = engine.prepare(features, labels, ref, ref_labels, num_anchors, normalize)
-        row_loss, valid, stats, _ = engine.forward(prep, definition, False, False)
+        engine, definition, prep = _prepared(backend, features, labels, ref, ref_labels, loss, hyper, num_anchors,
+                                             normalize)
+        row_loss, valid, stats = engine.rows(prep, definition)
         return row_loss.clone(), valid.clone(), stats.contiguous().clone()
 
     @rows.register_fake
     def _(features, labels, ref, ref_labels, loss, hyper, num_anchors, normalize):
-        d = make_definition(loss, hyper)
+        d = _definition(loss, tuple(hyper))
         cdtype = compute_dtype(features.dtype)
-        slots = len(d.dense_slots) + len(d.positive_slots)
+        slots = _engine(backend, features.dtype).stats_rows(d)
         return (features.new_empty(num_anchors, dtype=cdtype), features.new_empty(num_anchors, dtype=torch.bool),
                 features.new_empty(slots, num_anchors, dtype=cdtype))
 
@@ -185,14 +186,13 @@ def _register(backend: str):
     def rows_backward(features: Tensor, labels: Tensor, ref: Optional[Tensor], ref_labels: Optional[Tensor],
                       loss: str, hyper: list[float], num_anchors: int, normalize: bool, stats: Tensor, valid: Tensor,
                       grad_rows: Tensor, need_features_grad: bool, need_ref_grad: bool) -> tuple[Tensor, Tensor]:
-        definition = make_definition(loss, hyper)
-        engine = _engine(backend, features.dtype)
-        prep = engine.prepare(features, labels, ref, ref_labels, num_anchors, normalize)
+        engine, definition, prep = _prepared(backend, features, labels, ref, ref_labels, loss, hyper, num_anchors,
+                                             normalize)
         weight = torch.where(valid, grad_rows.to(stats.dtype), torch.zeros_like(stats[0]))
-        grad = engine.backward(prep, definition, stats, weight, need_ref_grad)
-        grad_f, grad_r = engine.finish(prep, grad, features, ref)
-        grad_f = grad_f if need_features_grad else _empty_grad(features, False)
-        grad_r = grad_r if (grad_r is not None and need_ref_grad) else _empty_grad(ref, False)
+        grad_f, grad_r = engine.rows_backward(prep, definition, stats, weight, need_features_grad,
+                                              need_ref_grad and ref is not None)
+        grad_f = grad_f if grad_f is not None else _empty_grad(features, False)
+        grad_r = grad_r if grad_r is not None else _empty_grad(ref, False)
         return grad_f, _distinct(grad_f, grad_r)
 
     @rows_backward.register_fake

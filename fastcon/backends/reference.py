@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..inputs import Batch
-from .common import compute_dtype
+from .common import compute_dtype, contrast_ranks
 
 
 def _normalised(rows: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -24,15 +24,15 @@ def similarity_and_masks(batch: Batch, temperature: float, normalize: bool):
     """``s [A, K]`` and the masks ``A(i)`` (contrast: every column but the anchor's own),
     ``P(i)`` (positives) and ``N(i)`` (negatives)."""
     z = _normalised(batch.rows, normalize)
-    contrast, y = z, batch.labels
+    contrast = z
     if batch.ref is not None:
         contrast = torch.cat([z, _normalised(batch.ref, normalize).to(z.dtype)])
-        y = torch.cat([y, batch.ref_labels])
+    y = contrast_ranks(batch.labels, batch.ref_labels, batch.num_unlabelled)  # equal ranks: equal labels
     a = batch.num_anchors
     s = z[:a] @ contrast.T / temperature
     not_self = torch.ones(a, contrast.shape[0], dtype=torch.bool, device=z.device)
     not_self[torch.arange(a), torch.arange(a)] = False  # anchor i is contrast column i
-    same = batch.labels[:a, None] == y[None, :]
+    same = y[:a, None] == y[None, :]
     return s, not_self, same & not_self, ~same
 
 

@@ -55,22 +55,21 @@ def _local_batch(features, labels, contrast_mode, ref_features, ref_labels, proc
     if labels is None:  # instance discrimination: the sample index must be unique across ranks
         batch.labels = batch.labels + sum(cols["samples"][:rank])
     all_labels = all_gather_rows(batch.labels, cols["rows"], process_group)
-    if batch.ref is not None and ref_labels is None:
-        top = all_labels.max() + 1 if all_labels.numel() else torch.zeros((), dtype=torch.int64, device=device)
-        batch.ref_labels = top.expand(batch.ref.shape[0]).contiguous()
     return batch, RankLayout(rank, world, cols["rows"], cols["samples"], all_labels)
 
 
 def gathered_batch(batch: Batch, layout: RankLayout, process_group) -> Batch:
     """``batch`` with the other ranks' rows (and labels) joined as extra contrast rows before
-    the user's ``ref_features``; their gradients flow back to their ranks."""
+    the user's ``ref_features`` (whose unlabelled rows stay last); their gradients flow back to
+    their ranks."""
     all_rows = all_gather_rows_with_grad(batch.rows, layout.row_counts, process_group)
     start, end = layout.start, layout.end
     ref = torch.cat([all_rows[:start], all_rows[end:]])
     ref_y = torch.cat([layout.all_labels[:start], layout.all_labels[end:]])
     if batch.ref is not None:
         ref = torch.cat([ref, batch.ref.to(ref.dtype)])
-        ref_y = torch.cat([ref_y, batch.ref_labels])
+        if batch.ref_labels is not None:
+            ref_y = torch.cat([ref_y, batch.ref_labels])
     return Batch(batch.features, batch.labels, ref, ref_y, batch.num_anchors)
 
 

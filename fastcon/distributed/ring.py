@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..backends.common import Rows, class_sizes, label_ranks
+from ..backends.common import Rows, class_sizes, contrast_ranks, unlabelled_rows
 from ..losses import Counts
 
 _BLOCK_TAG, _GRAD_TAG = 0, 1  # a block and a gradient of the same shape may be in flight together
@@ -83,12 +83,11 @@ class _RingContrast(torch.autograd.Function):
         rows, ref = rows.detach(), None if ref is None else ref.detach()
         x, inv = engine.make_rows(rows, normalize)
         x_ref, inv_ref = engine.make_rows(ref, normalize) if ref is not None else (None, None)
-        all_y = layout.all_labels if ref is None else torch.cat([layout.all_labels, ref_labels])
-        ranks = label_ranks(all_y)
+        ranks = contrast_ranks(layout.all_labels, ref_labels, unlabelled_rows(ref, ref_labels))
         starts = [sum(layout.row_counts[:r]) for r in range(layout.world + 1)]
         anchors = Rows(x[:num_anchors], ranks[layout.start:layout.start + num_anchors])
         n_same = class_sizes(ranks)[layout.start:layout.start + num_anchors].to(torch.float64)
-        k = all_y.shape[0]
+        k = ranks.shape[0]
         counts = Counts(n_same - 1, k - n_same, k)
 
         def block_rows(block, owner):
@@ -153,12 +152,12 @@ class _RingContrast(torch.autograd.Function):
             g_a, grad_ref = engine.block_grads(anchors, Rows(x_ref, ranks[starts[-1]:]), None, definition, params,
                                                x_ref.shape[0])
             grad_anchors.add_(g_a)
-            grad_ref = engine.rows_backward(grad_ref, x_ref, inv_ref)
+            grad_ref = engine.normalized_backward(grad_ref, x_ref, inv_ref)
         elif x_ref is not None:
             g_a, _ = engine.block_grads(anchors, Rows(x_ref, ranks[starts[-1]:]), None, definition, params, 0)
             grad_anchors.add_(g_a)
         grad_x[:a] += grad_anchors
-        grad_rows = engine.rows_backward(grad_x, x, inv)
+        grad_rows = engine.normalized_backward(grad_x, x, inv)
         return (grad_rows,) + (grad_ref,) + (None,) * 8
 
 

@@ -142,8 +142,10 @@ class LossDefinition:
         return tuple(float(getattr(self, f.name)) for f in fields(self))
 
     def kernel_scalars(self) -> dict:
-        """Scalars the kernels' tile math reads: ``beta`` and ``gamma`` (0 when unused)."""
-        return {"beta": float(getattr(self, "beta", 0.0)), "gamma": float(getattr(self, "gamma", 0.0))}
+        """Scalars the kernels' tile math reads: ``beta`` and ``gamma`` (0 when unused) and the
+        loss scale ``t / t_base`` (1 when unused)."""
+        return {"beta": float(getattr(self, "beta", 0.0)), "gamma": float(getattr(self, "gamma", 0.0)),
+                "scale": float(getattr(self, "scale", 1.0))}
 
     def dense_mask(self, contrast, pos, neg):
         return neg if self.dense_over == "negatives" else contrast

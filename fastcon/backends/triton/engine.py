@@ -24,25 +24,28 @@ from typing import Optional
 
 import torch
 
-from ...losses import Counts
-from ..common import Engine, Prepared, Rows, label_ranks
+from ..common import Engine, Rows
 from . import launch
 from .launch import interpreter_enabled  # noqa: F401 - the registry asks here
-from .sides import Side, grads, link_sides, merged_stats, sort_side, sorted_positions, subset_side
+from .rows import MODE_REDUCED, MODE_ROWS, MODE_WEIGHTED
+from .sides import (Side, feature_grads, finalize, link_sides, merged_stats, partial_grads, prepare_sides,
+                    sort_side, sorted_positions, stats_partials)
 
 __all__ = ["TritonEngine", "interpreter_enabled"]
 
 
 @dataclass
-class TritonPrepared(Prepared):
-    """A problem in the kernels' layout: ``x`` sorted by class (``cls``); ``order[p]`` is the flat
-    index (batch rows, then ref rows) of sorted row p; ``anchors`` the anchors' side."""
+class TritonPrepared:
+    """A single-device problem in the kernels' layout: the contrast rows and the anchors as
+    :class:`~.sides.Side` (the same object when every row is an anchor)."""
 
-    contrast_side: Optional[Side] = None
-    anchor_side: Optional[Side] = None
-    d: int = 0
-    features: Optional[torch.Tensor] = None
-    ref: Optional[torch.Tensor] = None
+    contrast: Side
+    anchors: Side
+    num_rows: int  # M, batch rows
+    num_contrast: int  # K
+    d: int
+    features: torch.Tensor
+    ref: Optional[torch.Tensor]
 
 
 class TritonEngine(Engine):
@@ -68,21 +71,13 @@ class TritonEngine(Engine):
             features = features.contiguous()
         if ref is not None and not _dense_strides(ref):
             ref = ref.contiguous()
+        k = labels.shape[0] + (0 if ref is None else ref.shape[0])
         with _device(features):
-            y = labels if ref is None else torch.cat([labels, ref_labels])
-            ranks = label_ranks(y)
-            side = sort_side(ranks, features.shape[-1], self.dot_dtype, features.device)
-            side.fill(features, ref, normalize)
-            m, k = labels.shape[0], y.shape[0]
-            if num_anchors == k and self.symmetric_sweep:
-                anchors = side
-                side.link(side)
-            else:
-                anchors = subset_side(side, ranks, num_anchors)
-            n_same = _class_sizes_in(side.cls, anchors.cls)
-            counts = Counts(n_same - 1, k - n_same, k)
-            return TritonPrepared(side.x, ranks, m, num_anchors, side.inv_norm, counts, side, anchors,
-                                  features.shape[-1], features, ref)
+            contrast, anchors = prepare_sides(features, labels, ref, ref_labels, num_anchors, normalize,
+                                              self.dot_dtype, num_anchors == k and self.symmetric_sweep)
+        if not normalize:
+            contrast.inv_norm = anchors.inv_norm = None
+        return TritonPrepared(contrast, anchors, labels.shape[0], k, features.shape[-1], features, ref)
 
     def _wide(self):
         """Features wider than the kernels take (D > 256) run on the blockwise engine."""
@@ -90,38 +85,69 @@ class TritonEngine(Engine):
 
         return BlockwiseEngine()
 
-    def forward(self, prep, definition, want_grad, need_ref_grad):
+    def stats_rows(self, definition) -> int:
+        return len(definition.dense_slots) + 2
+
+    def reduced(self, prep, definition, mean, need_f, need_r):
         if not isinstance(prep, TritonPrepared):
-            return self._wide().forward(prep, definition, want_grad, need_ref_grad)
-        with _device(prep.x):
-            stats = self._stats(prep, definition)
-            terms = definition.finalize(*_split(definition, stats), prep.counts, None)
-            grad = self._grads(prep, definition, terms.params, need_ref_grad) if want_grad else None
-            return _unsort(prep, terms.loss), _unsort(prep, terms.valid), stats, grad
+            return self._wide().reduced(prep, definition, mean, need_f, need_r)
+        want = need_f or need_r
+        device = prep.features.device
+        total = torch.empty((), dtype=torch.float32, device=device)
+        n_valid = torch.empty((), dtype=torch.int64, device=device)
+        a = prep.anchors
+        if a.n == 0:
+            return total.zero_(), n_valid.zero_(), *self._zero_grads(prep, need_f, need_r)
+        with _device(prep.features):
+            part, splits = stats_partials(a, prep.contrast, definition, prep.num_contrast)
+            params, scale = finalize(part, splits, a, definition, MODE_REDUCED, num_contrast=prep.num_contrast,
+                                     mean=mean, with_params=want, total=total, n_valid=n_valid)
+            grad_f = grad_r = None
+            if want:
+                grad_f, grad_r = self._grads(prep, definition, params, scale, need_r)
+        return total, n_valid, (grad_f if need_f else None), grad_r
 
-    def backward(self, prep, definition, stats, weight, need_ref_grad):
+    def rows(self, prep, definition):
+        if not isinstance(prep, TritonPrepared):  # the blockwise engine's statistics, in this engine's rows
+            loss, valid, stats = self._wide().rows(prep, definition)
+            pad = stats.new_zeros(self.stats_rows(definition) - stats.shape[0], stats.shape[1])
+            return loss, valid, torch.cat([stats, pad])
+        a = prep.anchors
+        device = prep.features.device
+        loss = torch.empty(a.n, dtype=torch.float32, device=device)  # every entry written by finalize
+        valid = torch.empty(a.n, dtype=torch.uint8, device=device)
+        stats = torch.empty(self.stats_rows(definition), a.n, dtype=torch.float32, device=device)
+        if a.n:
+            with _device(prep.features):
+                part, splits = stats_partials(a, prep.contrast, definition, prep.num_contrast)
+                finalize(part, splits, a, definition, MODE_ROWS, num_contrast=prep.num_contrast, stats=stats,
+                         loss=loss, valid=valid)
+        return loss, valid.view(torch.bool), stats
+
+    def rows_backward(self, prep, definition, stats, grad_rows, need_f, need_r):
         if not isinstance(prep, TritonPrepared):
-            return self._wide().backward(prep, definition, stats, weight, need_ref_grad)
-        with _device(prep.x):
-            w = weight[prep.anchor_side.order]  # weights in the anchors' sorted order
-            terms = definition.finalize(*_split(definition, stats), prep.counts, w)
-            return self._grads(prep, definition, terms.params, need_ref_grad)
+            used = len(definition.dense_slots) + len(definition.positive_slots)
+            return self._wide().rows_backward(prep, definition, stats[:used], grad_rows, need_f, need_r)
+        if prep.anchors.n == 0:
+            return self._zero_grads(prep, need_f, need_r)
+        with _device(prep.features):
+            params, scale = finalize(stats, 1, prep.anchors, definition, MODE_WEIGHTED,
+                                     num_contrast=prep.num_contrast, with_params=True,
+                                     grad_rows=grad_rows.contiguous())
+            grad_f, grad_r = self._grads(prep, definition, params, scale, need_r)
+        return (grad_f if need_f else None), grad_r
 
-    def finish(self, prep, grad, features, ref):
-        if not isinstance(prep, TritonPrepared):
-            return self._wide().finish(prep, grad, features, ref)
-        return grad  # the gradient kernel already wrote the features' gradients
-
-    def _stats(self, prep, definition):
-        a, c = prep.anchor_side, prep.contrast_side
-        return torch.cat(merged_stats(a, c, definition, symmetric=a is c, has_self=True))
-
-    def _grads(self, prep, definition, params, need_ref_grad):
+    def _grads(self, prep, definition, params, scale, need_r):
         grad_f = torch.empty_like(prep.features)
-        grad_r = torch.empty_like(prep.ref) if (prep.ref is not None and need_ref_grad) else None
-        grads(prep.anchor_side, prep.contrast_side, definition, params, prep.inv_norm, prep.num_rows,
-              prep.features, grad_f, grad_r, prep.d, ref=prep.ref)
+        grad_r = torch.empty_like(prep.ref) if (prep.ref is not None and need_r) else None
+        feature_grads(prep.anchors, prep.contrast, definition, params, scale, prep.features, prep.ref, grad_f,
+                      grad_r, prep.d)
         return grad_f, grad_r
+
+    @staticmethod
+    def _zero_grads(prep, need_f, need_r):
+        grad_r = torch.zeros_like(prep.ref) if (prep.ref is not None and need_r) else None
+        return (torch.zeros_like(prep.features) if need_f else None), grad_r
 
     # --- block computations (the ring) -----------------------------------------------------
     def block_stats(self, anchors, contrast, self_offset, definition, dense=None):
@@ -137,8 +163,7 @@ class TritonEngine(Engine):
     def block_grads(self, anchors, contrast, self_offset, definition, params, contrast_rows):
         with _device(anchors.x):
             a, c = _block_sides(anchors, contrast, self_offset, self.dot_dtype)
-            grad_a, grad_c = grads(a, c, definition, params[:, a.order], None, 0, None, None, None,
-                                   anchors.x.shape[1], partial=True)
+            grad_a, grad_c = partial_grads(a, c, definition, params[:, a.order])
             out_a = torch.empty_like(grad_a)
             out_a[a.order] = grad_a
             out_c = torch.empty_like(grad_c)
@@ -164,22 +189,6 @@ def _dense_strides(t: torch.Tensor) -> bool:
     """Whether ``empty_like(t)`` has ``t``'s strides and the last dimension is contiguous (the
     gradient kernel reads inputs and writes gradients with one set of strides, vectorised)."""
     return t.is_contiguous() or (t.stride(-1) == 1 and torch.empty_like(t).stride() == t.stride())
-
-
-def _class_sizes_in(sorted_cls: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """How many rows of ``sorted_cls`` have each ``query`` class."""
-    s, q = sorted_cls.to(torch.int64), query.to(torch.int64)
-    return (torch.searchsorted(s, q, right=True) - torch.searchsorted(s, q)).to(torch.float32)
-
-
-def _split(definition, stats):
-    nd = len(definition.dense_slots)
-    return stats[:nd], stats[nd:]
-
-
-def _unsort(prep, x):
-    """Per-anchor values from the anchors' sorted order back to the user's anchor order."""
-    return _unsort_side(prep.anchor_side, x)
 
 
 def _unsort_side(side: Side, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ positives of a block of rows are one contiguous column range. A program owns ``B
 - the **positive loop** runs over the block's class range ``[pos_lo, pos_hi)`` only.
 
 A second grid axis splits the plain/special range of columns (``num_splits``) when
-own blocks are few; the host merges the splits in a fixed order. No atomics: every output
+own blocks are few; the splits are merged in a fixed order (:mod:`.rows`). No atomics: every output
 element is written by one program, so results are bitwise reproducible.
 """
 
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import tile_math as tm
-from .tiles import acc_dot, class_range, load_params, own_tile, raw_rows, special_band, tile_qk, tile_ranges
+from .tiles import acc_dot, class_range, load_params, own_tile, special_band, store_rows, tile_qk, tile_ranges
 
 
 @triton.jit
@@ -40,9 +40,10 @@ def stats_kernel(own_ptr, other_ptr, own_cls_ptr, other_cls_ptr, own_pos_ptr, po
 
     Grid ``(cdiv(n_own, BM), splits)``; the own tile ``[BM, DP]`` is loaded once and kept,
     each other tile ``[BN, DP]`` is loaded once per iteration. Writes float32
-    ``out [splits, slots, n_own]``: the dense slots (``WITH_DENSE``), then the positive slots
-    (``WITH_POSITIVE``; a positive-only launch reads the finished dense slots from
-    ``dense_in [NUM_DENSE, n_own]``). Own row r's self column is ``own_pos[r]`` (``r`` when
+    ``out [splits, NUM_DENSE + 2, n_own]``: each split's dense slots (``WITH_DENSE``), then,
+    in split 0 only, the positive slots (``WITH_POSITIVE``; a positive-only launch, grid
+    ``(cdiv(n_own, BM), 1)``, reads dense slot 0, a log-sum-exp, from the ``num_splits`` splits
+    of ``dense_in [num_splits, NUM_DENSE + 2, n_own]`` and merges them). Own row r's self column is ``own_pos[r]`` (``r`` when
     ``SYMMETRIC``; none without ``HAS_SELF`` or where -1). ``size_key`` only keys the autotuner.
     """
     split = tl.program_id(1)
@@ -79,26 +80,33 @@ def stats_kernel(own_ptr, other_ptr, own_cls_ptr, other_cls_ptr, own_pos_ptr, po
         if NUM_DENSE == 2:
             tl.store(base + n_own + rows, d1, mask=row_ok)
         n_slots = NUM_DENSE
-    else:
+    else:  # dense slot 0 of dense_in [num_splits, NUM_DENSE + 2, n_own], merged (a log-sum-exp)
         d0 = tl.load(dense_in_ptr + rows, mask=row_ok, other=0.0)
+        for s in range(1, num_splits):
+            e = tl.load(dense_in_ptr + s * (NUM_DENSE + 2) * n_own + rows, mask=row_ok, other=0.0)
+            m = tl.maximum(d0, e)
+            shift = tl.where(m == float("-inf"), 0.0, m)
+            d0 = tl.where(m == float("-inf"), m, shift + tl.log(tl.exp(d0 - shift) + tl.exp(e - shift)))
     if WITH_POSITIVE:
-        lse = tl.where(d0 == float("-inf"), 0.0, d0)[:, None]
-        lo, hi = class_range(pos_lo_ptr, pos_hi_ptr, row0, n_own, BM)
-        p0, p1, p2 = zero, zero, zero
-        if LOSS == tm.SCHANE:
-            p0 = ninf
-        for c0 in range(lo, hi, BN):
-            cols = c0 + tl.arange(0, BN)
-            col_ok = cols < hi
-            qk, _ = tile_qk(own, other_ptr, cols, col_ok, DP, DOT_PRECISION, UPCAST_DOT, True)
-            cls_c = tl.load(other_cls_ptr + cols, mask=col_ok, other=-1)
-            pos = col_ok[None, :] & (cls_r[:, None] == cls_c[None, :]) & (cols[None, :] != self_col[:, None])
-            p0, p1, p2 = tm.positive_update(qk, pos, inv_t, c1, lse, gamma, p0, p1, p2, LOSS, GAMMA_ZERO, GAMMA_ONE)
-        q0, q1 = tm.positive_finish(p0, p1, inv_t, c1, LOSS)
-        base = out_ptr + (split * (NUM_DENSE + 2) + n_slots) * n_own
-        tl.store(base + rows, q0, mask=row_ok)
-        if LOSS == tm.FOCAL:
-            tl.store(base + n_own + rows, q1, mask=row_ok)
+        if split == 0:  # the class range is not split: split 0 takes all of it
+            lse = tl.where(d0 == float("-inf"), 0.0, d0)[:, None]
+            lo, hi = class_range(pos_lo_ptr, pos_hi_ptr, row0, n_own, BM)
+            p0, p1, p2 = zero, zero, zero
+            if LOSS == tm.SCHANE:
+                p0 = ninf
+            for c0 in range(lo, hi, BN):
+                cols = c0 + tl.arange(0, BN)
+                col_ok = cols < hi
+                qk, _ = tile_qk(own, other_ptr, cols, col_ok, DP, DOT_PRECISION, UPCAST_DOT, True)
+                cls_c = tl.load(other_cls_ptr + cols, mask=col_ok, other=-1)
+                pos = col_ok[None, :] & (cls_r[:, None] == cls_c[None, :]) & (cols[None, :] != self_col[:, None])
+                p0, p1, p2 = tm.positive_update(qk, pos, inv_t, c1, lse, gamma, p0, p1, p2, LOSS, GAMMA_ZERO,
+                                                GAMMA_ONE)
+            q0, q1 = tm.positive_finish(p0, p1, inv_t, c1, LOSS)
+            base = out_ptr + (split * (NUM_DENSE + 2) + n_slots) * n_own
+            tl.store(base + rows, q0, mask=row_ok)
+            if LOSS == tm.FOCAL:
+                tl.store(base + n_own + rows, q1, mask=row_ok)
 
 
 @triton.jit
@@ -208,25 +216,7 @@ def grad_kernel(own_ptr, other_ptr, own_cls_ptr, other_cls_ptr, own_pos_ptr, pos
         if HAS_EXTRA:
             e = tl.load(extra_idx_ptr + rows, mask=row_ok, other=-1)
             g += tl.load(extra_ptr + e.to(tl.int64)[:, None] * DP + d[None, :], mask=(e >= 0)[:, None], other=0.0)
-        d_ok = (d < D)[None, :]
-        off = tl.load(out_off_ptr + rows, mask=row_ok, other=-1)
-        at = off[:, None] + d[None, :]
-        in_batch = (off >= 0)[:, None] & d_ok
-        ref_at, in_ref = at, in_batch
-        if HAS_REF_OUT:
-            ref_off = tl.load(ref_off_ptr + rows, mask=row_ok, other=-1)
-            ref_at = ref_off[:, None] + d[None, :]
-            in_ref = (ref_off >= 0)[:, None] & d_ok
-        if NORMALIZE:
-            # the raw row is read twice (it stays in the cache) so that it is never held
-            # beside the accumulator for long: d raw = (g - (g . z) z) / |x| with z = x / |x|
-            inv = tl.load(inv_norm_ptr + rows, mask=row_ok, other=0.0)
-            radial = tl.sum(g * raw_rows(feat_ptr, ref_ptr, at, ref_at, in_batch, in_ref, HAS_REF_OUT), 1)
-            radial = radial * inv * inv * inv  # (g . x) / |x|^3
-            g = g * inv[:, None] - radial[:, None] * raw_rows(feat_ptr, ref_ptr, at, ref_at, in_batch, in_ref,
-                                                               HAS_REF_OUT)
-        tl.store(out_ptr + at, g.to(out_ptr.dtype.element_ty), mask=in_batch)
-        if HAS_REF_OUT:
-            tl.store(ref_out_ptr + ref_at, g.to(ref_out_ptr.dtype.element_ty), mask=in_ref)
+        store_rows(g, rows, row_ok, inv_norm_ptr, out_off_ptr, ref_off_ptr, out_ptr, feat_ptr, ref_out_ptr, ref_ptr,
+                   NORMALIZE, HAS_REF_OUT, DP, D)
 
 

@@ -15,12 +15,14 @@ from typing import Optional
 import torch
 import triton
 
-from . import launch, tiles
+from ...losses.base import SUM
+from ..common import joined_labels
+from . import launch, rows, tiles
 
 
 @dataclass
 class Side:
-    order: torch.Tensor  # [n] int64
+    order: torch.Tensor  # [n] int64 (single device: [labelled rows]; the unlabelled rows stay in place, last)
     cls: torch.Tensor  # [n] int32, non-decreasing
     x: Optional[torch.Tensor] = None  # [n, DP]
     inv_norm: Optional[torch.Tensor] = None  # [n] float32
@@ -29,10 +31,12 @@ class Side:
     pos_hi: Optional[torch.Tensor] = None
     dp: int = 16
     x_dtype: torch.dtype = torch.float32
+    out_off: Optional[torch.Tensor] = None  # [n] int64: element offset of the row's gradient in the features, -1
+    ref_off: Optional[torch.Tensor] = None  # [n] int64: ... in the ref rows, -1
 
     @property
     def n(self) -> int:
-        return self.order.shape[0]
+        return self.cls.shape[0]
 
     def fill(self, features: torch.Tensor, ref, normalize: bool) -> None:
         """Normalise, cast, pad and sort the user's rows (one kernel, nothing else allocated)."""
@@ -67,6 +71,70 @@ class Side:
         mine, theirs = self.cls.to(torch.int64), other.cls.to(torch.int64)
         self.pos_lo = torch.searchsorted(theirs, mine).to(torch.int32)
         self.pos_hi = torch.searchsorted(theirs, mine, right=True).to(torch.int32)
+
+
+def _empty_side(n: int, dp: int, dot_dtype: torch.dtype, device, order, with_pos: bool, normalize: bool,
+                offsets: bool) -> Side:
+    i32 = dict(dtype=torch.int32, device=device)
+    return Side(order, torch.empty(n, **i32), torch.empty(n, dp, dtype=dot_dtype, device=device),
+                torch.empty(n, dtype=torch.float32, device=device), torch.empty(n, **i32) if with_pos else None,
+                torch.empty(n, **i32), torch.empty(n, **i32), dp, dot_dtype,
+                torch.empty(n, dtype=torch.int64, device=device) if offsets else None,
+                torch.empty(n, dtype=torch.int64, device=device) if offsets else None)
+
+
+def _prep_launch(side: Side, features, ref, y_sorted, n_labelled, cls_y, n_cls, range_y, n_range, normalize,
+                 where=None, self_where=None, other: Optional[Side] = None, init_pos=False):
+    k = side.n
+    if k == 0:
+        return
+    if features.dim() == 3:
+        b, sb, sv, sd = features.shape[0], features.stride(0), features.stride(1), features.stride(2)
+    else:
+        b, sb, sv, sd = features.shape[0], features.stride(0), 0, features.stride(1)
+    m = features.shape[0] * (features.shape[1] if features.dim() == 3 else 1)
+    has_ref = ref is not None
+    r = ref if has_ref else features
+    block_r = 16 if side.dp <= 256 else 2
+    offsets = side.out_off is not None
+    dummy = side.cls
+    steps = max(n_cls, n_range, 1).bit_length() + 1
+    rows.prep_side_kernel[(triton.cdiv(k, block_r),)](
+        features, r, side.order, y_sorted, n_labelled, cls_y, n_cls, range_y, n_range, steps,
+        side.x, side.inv_norm, side.cls, side.pos_lo, side.pos_hi,
+        where if where is not None else dummy, self_where if self_where is not None else dummy,
+        side.pos if side.pos is not None else dummy, other.pos if other is not None else dummy,
+        side.out_off if offsets else dummy, side.ref_off if offsets else dummy,
+        k, m, max(b, 1), features.shape[-1], sb, sv, sd,
+        r.stride(0) if has_ref else 0, r.stride(-1) if has_ref else 0,
+        NORMALIZE=bool(normalize), HAS_REF=has_ref, WRITE_WHERE=where is not None, INIT_POS=init_pos,
+        SELF_FROM=self_where is not None, OFFSETS=offsets, BLOCK_R=block_r, DP=side.dp,
+        BLOCK_DP=triton.next_power_of_2(side.dp))
+
+
+def prepare_sides(features, labels, ref, ref_labels, num_anchors: int, normalize: bool, dot_dtype, symmetric: bool):
+    """``(contrast side, anchor side)`` of a single-device problem: one sort of the labels per
+    side and one preparation kernel per side (the anchor side is the contrast side when
+    ``symmetric``: every row an anchor, one gradient sweep)."""
+    device = features.device
+    m = labels.shape[0]
+    k = m + (0 if ref is None else ref.shape[0])
+    y = joined_labels(labels, ref_labels)
+    kl = y.shape[0]  # labelled contrast rows; the unlabelled ref rows follow them, unsorted
+    y_sorted, order = torch.sort(y, stable=True)
+    dp = launch.padded_dim(features.shape[-1])
+    contrast = _empty_side(k, dp, dot_dtype, device, order, not symmetric, normalize, True)
+    if symmetric:
+        _prep_launch(contrast, features, ref, y_sorted, kl, y_sorted, kl, y_sorted, kl, normalize)
+        return contrast, contrast
+    a_sorted, a_order = torch.sort(labels[:num_anchors], stable=True)
+    anchors = _empty_side(num_anchors, dp, dot_dtype, device, a_order, True, normalize, False)
+    where = torch.empty(k, dtype=torch.int32, device=device)
+    _prep_launch(contrast, features, ref, y_sorted, kl, y_sorted, kl, a_sorted, num_anchors, normalize,
+                 where=where, init_pos=True)
+    _prep_launch(anchors, features, None, a_sorted, num_anchors, y_sorted, kl, y_sorted, kl, normalize,
+                 self_where=where, other=contrast)
+    return contrast, anchors
 
 
 def sort_side(ranks: torch.Tensor, d: int, dot_dtype: torch.dtype, device) -> Side:
@@ -109,16 +177,18 @@ def subset_side(contrast: Side, ranks: torch.Tensor, num_anchors: int) -> Side:
 
 
 def _stats_launch(own: Side, other: Side, definition, *, symmetric, has_self, with_dense, with_positive,
-                  dense_in=None, splits=1):
+                  dense_in=None, splits=1, out=None, dense_splits=1):
     nd = len(definition.dense_slots)
-    out = torch.empty(splits, nd + 2, own.n, dtype=torch.float32, device=own.x.device)
+    if out is None:
+        out = torch.empty(splits, nd + 2, own.n, dtype=torch.float32, device=own.x.device)
     k = definition.kernel_scalars()
     t = definition.temperature
     grid = lambda meta: (triton.cdiv(own.n, meta["BM"]), splits)  # noqa: E731
     pos = own.pos if own.pos is not None else own.cls
+    # a positive-only launch (one split) takes num_splits as the number of dense_in's splits
     launch.kernel("stats", own.dp, own.x.dtype, own.x.device, definition.name)[grid](
         own.x, other.x, own.cls, other.cls, pos, own.pos_lo, own.pos_hi,
-        dense_in if dense_in is not None else out, out, own.n, other.n, splits,
+        dense_in if dense_in is not None else out, out, own.n, other.n, splits if with_dense else dense_splits,
         1.4426950408889634 / t, 1.0 / t, k["beta"], k["gamma"],
         WITH_DENSE=with_dense, WITH_POSITIVE=with_positive, HAS_SELF=has_self, SYMMETRIC=symmetric,
         NUM_DENSE=nd, BETA_NEG=k["beta"] < 0, DP=own.dp, size_key=launch.size_key(own.n, other.n),
@@ -158,20 +228,17 @@ def merged_stats(own: Side, other: Side, definition, *, symmetric, has_self, den
     return d, p[0, :np_]
 
 
-# Largest magnitude of the weight-proportional parameters in the products' dtype: float16 G
-# entries (coefficients times softmax values of order 1/N) must stay above float16's smallest
-# normal number, with 32x headroom below its largest (G is at most a few coefficients).
-_COEF_TARGET = {torch.float16: 2.0 ** 11}
-
-
 def _weights_scaled(definition, params: torch.Tensor, dot_dtype: torch.dtype):
-    """Params with the weight-proportional rows divided by their largest magnitude (times the
-    dtype's target), and that scale (a device scalar: no host sync)."""
+    """The ring's parameters with the weight-proportional rows (one contiguous range of slots)
+    divided by their largest magnitude (times the dtype's target, :data:`_COEF_TARGET`), and
+    that scale (a device scalar: no host sync, no index tensor)."""
     idx = [definition.param_slots.index(n) for n in definition.weight_params]
+    lo, hi = min(idx), max(idx) + 1
+    assert hi - lo == len(idx), "a definition's weight parameters must be consecutive slots"
     target = _COEF_TARGET.get(dot_dtype, 1.0)
-    scale = (params[idx].abs().amax().clamp(min=1e-30) / target).to(torch.float32).reshape(1)
+    scale = (params[lo:hi].abs().amax().clamp(min=1e-30) / target).to(torch.float32).reshape(1)
     out = params.to(torch.float32).clone()
-    out[idx] = out[idx] / scale
+    out[lo:hi] /= scale
     return out.contiguous(), scale
 
 
@@ -200,79 +267,112 @@ def _grad_launch(own: Side, other: Side, definition, own_prm, other_prm, scale, 
         HAS_EXTRA=extra is not None, HAS_REF_OUT=ref_out is not None, DP=own.dp, D=d,
         size_key=launch.size_key(own.n, other.n), **launch.loss_flags(definition),
         **launch.dot_flags(own.x.dtype), **launch.tile_args("grad", own.dp, own.x.dtype, own.x.device, definition.name))
-    return partial_buf.sum(0) if partial else None
+    return partial_buf
 
 
-def grads(anchors: Side, contrast: Side, definition, params, inv_norm, m, features, grad_f, grad_r, d,
-          partial=False, ref=None):
-    """Feature gradients of the gradient parameters ``params`` (anchors' sorted order).
-
-    ``partial``: return float32 ``(grad of anchors [A, DP], grad of contrast rows [K, DP])`` in
-    sorted order, w.r.t. the rows as given (the ring). Otherwise write ``grad_f`` (the user's
-    features' layout and dtype) and ``grad_r`` (ref rows, or None) through the normalisation's
-    backward."""
+def partial_grads(anchors: Side, contrast: Side, definition, params):
+    """The ring's block gradients: float32 ``(grad of anchors [A, DP], grad of contrast rows
+    [K, DP])`` in sorted order, w.r.t. the rows as given, for the gradient parameters
+    ``params`` (anchors' sorted order)."""
     prm, scale = _weights_scaled(definition, params, contrast.x.dtype)
+    g_a = _grad_launch(anchors, contrast, definition, prm, None, scale, row_params=True, col_params=False,
+                       symmetric=False, has_self=anchors.pos is not None, partial=True).sum(0)
+    g_c = _grad_launch(contrast, anchors, definition, None, prm, scale, row_params=False, col_params=True,
+                       symmetric=False, has_self=contrast.pos is not None, partial=True).sum(0)
+    return g_a, g_c
+
+
+def stats_partials(anchors: Side, contrast: Side, definition, num_contrast: int):
+    """``(part [splits, NUM_DENSE + 2, A], splits)``: the anchors' statistics over the contrast
+    rows, each split's dense slots and split 0's positive slots (what :func:`finalize` merges).
+    One launch, or, when the positive part reads the finished dense part and the columns are
+    split, a launch for the dense part and a positive-only launch that merges what it reads."""
     symmetric = anchors is contrast
-    if symmetric and not partial and launch.num_splits(contrast.n, contrast.n, contrast.x.device) == 1:
-        _grad_launch(contrast, contrast, definition, prm, prm, scale, row_params=True, col_params=True,
-                     symmetric=True, has_self=True, partial=False, out=grad_f,
-                     dst=_destinations(contrast, m, grad_f, grad_r, d), inputs=(features, ref))
-        return None
-    if symmetric:
-        g_c = _grad_launch(contrast, contrast, definition, prm, prm, scale, row_params=True, col_params=True,
-                           symmetric=True, has_self=True, partial=True)
-        g_a = g_c
-    else:
-        g_a = _grad_launch(anchors, contrast, definition, prm, None, scale, row_params=True, col_params=False,
-                           symmetric=False, has_self=anchors.pos is not None, partial=True)
-        if partial or launch.num_splits(contrast.n, anchors.n, contrast.x.device) > 1:
-            g_c = _grad_launch(contrast, anchors, definition, None, prm, scale, row_params=False, col_params=True,
-                               symmetric=False, has_self=contrast.pos is not None, partial=True)
-            if partial:
-                return g_a, g_c
-            if contrast.pos is not None:
-                inside = contrast.pos >= 0
-                g_c[inside] += g_a[contrast.pos[inside].long()]
-        else:
-            _grad_launch(contrast, anchors, definition, None, prm, scale, row_params=False, col_params=True,
-                         symmetric=False, has_self=contrast.pos is not None, partial=False, out=grad_f,
-                         extra=g_a.contiguous(), extra_idx=contrast.pos,
-                         dst=_destinations(contrast, m, grad_f, grad_r, d), inputs=(features, ref))
-            return None
-    if partial:
-        return g_a, g_c
-    _store_torch(g_c, contrast, inv_norm, m, features, ref, grad_f, grad_r, d)
-    return None
+    splits = launch.num_splits(anchors.n, contrast.n, contrast.x.device)
+    common = dict(symmetric=symmetric, has_self=True)
+    if not definition.positive_reads_dense or splits == 1:
+        part = _stats_launch(anchors, contrast, definition, with_dense=True, with_positive=True, splits=splits,
+                             **common)
+        return part, splits
+    part = _stats_launch(anchors, contrast, definition, with_dense=True, with_positive=False, splits=splits, **common)
+    nd = len(definition.dense_slots)
+    _stats_launch(anchors, contrast, definition, with_dense=False, with_positive=True, dense_in=part,
+                  dense_splits=splits, out=part[0, nd:], **common)
+    return part, splits
 
 
-def _destinations(contrast: Side, m, grad_f, grad_r, d):
-    """Where each sorted contrast row's gradient goes: its element offset in ``grad_f`` (batch
-    rows, view-major index ``v*B + b``), in ``grad_r`` (ref rows), -1 where not; ``grad_r``; D."""
-    r = contrast.order
-    if grad_f.dim() == 3:
-        b = grad_f.shape[0]
-        off = (r % b) * grad_f.stride(0) + (r // max(b, 1)) * grad_f.stride(1)
-    else:
-        off = r * grad_f.stride(0)
-    out_off = torch.where(r < m, off, -1)
-    ref_off = torch.where(r >= m, (r - m) * (grad_r.stride(0) if grad_r is not None else 0), -1)
-    return out_off, ref_off, grad_r, d
+# float16 G entries (coefficients times softmax values of order 1/N) must stay above float16's
+# smallest normal number, with 32x headroom below its largest (G is at most a few coefficients):
+# the weight-proportional parameters are divided by their largest magnitude over this target.
+# bfloat16 and float32 have float32's range: their coefficients are not rescaled.
+_COEF_TARGET = {torch.float16: 2.0 ** 11}
+_FINALIZE_BLOCK = 1024
 
 
-def _store_torch(g_sorted, contrast: Side, inv_norm, m, features, ref, grad_f, grad_r, d):
-    """The epilogue of :func:`grads` in PyTorch (after a split sweep)."""
-    from ...inputs import flatten_rows, unflatten_rows
-    from ..common import normalize_backward
+def finalize(part, splits, anchors: Side, definition, mode, *, num_contrast, mean=False, with_params=False,
+             grad_rows=None, stats=None, loss=None, valid=None, total=None, n_valid=None):
+    """One launch of :func:`.rows.finalize_kernel`; returns ``(params, scale)`` (None without
+    ``with_params``). The outputs the mode writes are given."""
+    n = anchors.n
+    device = part.device
+    params = torch.empty(len(definition.param_slots), n, dtype=torch.float32, device=device) if with_params else None
+    scale = torch.empty(1, dtype=torch.float32, device=device) if with_params else None
+    k = definition.kernel_scalars()
+    target = _COEF_TARGET.get(anchors.x_dtype)
+    dense_sums = sum(1 << i for i, (_, rule) in enumerate(definition.dense_slots) if rule == SUM)
+    weights = sum(1 << definition.param_slots.index(name) for name in definition.weight_params)
 
-    flat = torch.empty(contrast.n, d, dtype=torch.float32, device=g_sorted.device)
-    flat[contrast.order] = g_sorted[:, :d]
-    if inv_norm is not None:
-        rows = flatten_rows(features).float()
-        if ref is not None:
-            rows = torch.cat([rows, ref.float()])
-        inv = torch.empty_like(inv_norm)
-        inv[contrast.order] = inv_norm
-        flat = normalize_backward(flat, rows * inv[:, None], inv)
-    grad_f.copy_(unflatten_rows(flat[:m], grad_f))
-    if grad_r is not None:
-        grad_r.copy_(flat[m:])
+    def given(t):
+        return part if t is None else t
+
+    rows.finalize_kernel[(1,)](
+        part, splits, n, anchors.pos_lo, anchors.pos_hi, num_contrast, given(grad_rows), anchors.order, given(stats),
+        given(params), given(scale), given(loss), given(valid), given(total), given(n_valid),
+        k["scale"], k["beta"], target or 1.0,
+        LOSS=definition.kernel_id, MODE=mode, MEAN=bool(mean), WITH_PARAMS=with_params,
+        NUM_DENSE=len(definition.dense_slots), NUM_POSITIVE=len(definition.positive_slots), DENSE_SUMS=dense_sums,
+        NUM_PARAMS=len(definition.param_slots), WEIGHT_PARAMS=weights, SCALE_COEFS=target is not None,
+        BETA_ZERO=k["beta"] == 0.0, BLOCK=_FINALIZE_BLOCK, num_warps=4)
+    return params, scale
+
+
+def _store_launch(part, splits, side: Side, grad_f, grad_r, d, features, ref, extra=None, extra_splits=0,
+                  n_extra=0, extra_idx=None):
+    bm = 16
+    dummy = side.cls
+    rows.store_kernel[(triton.cdiv(side.n, bm),)](
+        part, splits, side.n, extra if extra is not None else part, extra_splits, n_extra,
+        extra_idx if extra_idx is not None else dummy, side.inv_norm if side.inv_norm is not None else part,
+        side.out_off, side.ref_off, grad_f, features, grad_r if grad_r is not None else grad_f,
+        ref if ref is not None else features,
+        NORMALIZE=side.inv_norm is not None, HAS_EXTRA=extra is not None, HAS_REF_OUT=grad_r is not None,
+        DP=side.dp, D=d, BM=bm)
+
+
+def feature_grads(anchors: Side, contrast: Side, definition, params, scale, features, ref, grad_f, grad_r, d):
+    """Write the gradients of the features (``grad_f``, the features' layout and dtype) and of
+    the ref rows (``grad_r``, or None) for the gradient parameters ``params`` (anchors' sorted
+    order) times ``scale``. Every row an anchor: one sweep ``(G + G^T) x / t``; otherwise an
+    anchor-side sweep (float32 partials) whose rows the contrast-side sweep adds. A split sweep
+    ends in :func:`.rows.store_kernel`."""
+    dst = (contrast.out_off, contrast.ref_off, grad_r, d)
+    io = dict(features=features, ref=ref, grad_f=grad_f, grad_r=grad_r, d=d)
+    if anchors is contrast:
+        splits = launch.num_splits(contrast.n, contrast.n, contrast.x.device)
+        part = _grad_launch(contrast, contrast, definition, params, params, scale, row_params=True, col_params=True,
+                            symmetric=True, has_self=True, partial=splits > 1, out=grad_f, dst=dst,
+                            inputs=(features, ref))
+        if splits > 1:
+            _store_launch(part, splits, contrast, **io)
+        return
+    splits_a = launch.num_splits(anchors.n, contrast.n, contrast.x.device)
+    g_a = _grad_launch(anchors, contrast, definition, params, None, scale, row_params=True, col_params=False,
+                       symmetric=False, has_self=True, partial=True)
+    splits_c = launch.num_splits(contrast.n, anchors.n, contrast.x.device)
+    one = splits_a == 1 and splits_c == 1
+    part = _grad_launch(contrast, anchors, definition, None, params, scale, row_params=False, col_params=True,
+                        symmetric=False, has_self=True, partial=not one, out=grad_f, extra=g_a[0] if one else None,
+                        extra_idx=contrast.pos, dst=dst, inputs=(features, ref))
+    if not one:
+        _store_launch(part, splits_c, contrast, extra=g_a, extra_splits=splits_a, n_extra=anchors.n,
+                      extra_idx=contrast.pos, **io)

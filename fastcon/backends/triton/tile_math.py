@@ -183,3 +183,47 @@ def positive_grad(qk, inv_t, c1, gamma, q0, q1, q2, q3, LOSS: tl.constexpr,
         log_p = tl.minimum(qk * inv_t - q0, 0.0)
         _, _, fprime = focal_terms(log_p, gamma, GAMMA_ZERO, GAMMA_ONE)
         return q1 * fprime
+
+
+@triton.jit
+def _log1p(x):
+    """``log(1 + x)`` accurate for small ``x`` (the logarithm's argument rounded, then corrected)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def _safe(lse, valid):
+    return tl.where(valid, lse, float("inf"))
+
+
+@triton.jit
+def finalize_rows(d0, d1, p0, p1, n_pos, n_neg, w, scale, num_contrast, beta, LOSS: tl.constexpr,
+                  BETA_ZERO: tl.constexpr):
+    """The definitions' ``finalize`` on ``[BLOCK]`` rows: ``(loss, valid, q0, q1, q2, q3)`` from the
+    dense slots ``d0, d1``, the positive slots ``p0, p1``, the set sizes and the anchor
+    weights ``w``; ``scale`` is ``t / t_base`` (SupCon, focal)."""
+    if LOSS == SUPCON:  # (lse_all), (sum_pos) -> (lse_all, coef, pos_coef)
+        valid = n_pos > 0.0
+        n = tl.maximum(n_pos, 1.0)
+        loss = tl.where(valid, -scale * (p0 / n - d0), 0.0)
+        coef = tl.where(valid, scale * w, 0.0)
+        return loss, valid, _safe(d0, valid), coef, coef / n, coef * 0.0
+    elif LOSS == SCHANE:  # (lse_neg_hard, lse_neg_weight), (lse_pos) -> (lse_pos, hard, weight, coef)
+        valid = (n_pos > 0.0) & (n_neg > 0.0)
+        log_n_neg = tl.log(tl.maximum(n_neg, 1.0))
+        lw = d1
+        if BETA_ZERO:
+            lw = log_n_neg
+        u = tl.where(valid, log_n_neg + tl.log(tl.maximum(n_pos, 1.0)) + d0 - lw - p0, 0.0)
+        # softplus (threshold 20, as torch's) and sigmoid
+        soft = tl.where(u > 20.0, u, tl.maximum(u, 0.0) + _log1p(tl.exp(-tl.abs(u))))
+        loss = tl.where(valid, soft, 0.0)
+        coef = tl.where(valid, w / (1.0 + tl.exp(-u)), 0.0)
+        return loss, valid, _safe(p0, valid), _safe(d0, valid), _safe(lw, valid), coef
+    else:  # (lse_all), (sum_f, sum_fprime) -> (lse_all, coef, coef_fsum)
+        valid = n_pos > 0.0
+        per_column = -scale / num_contrast
+        loss = tl.where(valid, per_column * p0, 0.0)
+        coef = tl.where(valid, per_column * w, 0.0)
+        return loss, valid, _safe(d0, valid), coef, coef * p1, coef * 0.0

@@ -151,3 +151,34 @@ def acc_dot(g, other, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr
     if UPCAST_DOT:
         return tl.dot(g.to(other.dtype).to(tl.float32), other.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(g.to(other.dtype), other, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def store_rows(g, rows, row_ok, inv_norm_ptr, out_off_ptr, ref_off_ptr, out_ptr, feat_ptr, ref_out_ptr, ref_ptr,
+               NORMALIZE: tl.constexpr, HAS_REF_OUT: tl.constexpr, DP: tl.constexpr, D: tl.constexpr):
+    """Store the gradients ``g [BM, DP]`` (float32, w.r.t. the normalised rows) of sorted rows
+    ``rows`` in the user's tensors: the normalisation's backward (with the row re-read from the
+    user's tensor and normalised in float32), then the output dtype at the row's place: element
+    offset ``out_off`` in the features (or ``ref_off`` in the ref rows; -1: not there). Outputs
+    have the strides of the inputs, whose last dimension is contiguous (vectorised stores)."""
+    d = tl.arange(0, DP)
+    d_ok = (d < D)[None, :]
+    off = tl.load(out_off_ptr + rows, mask=row_ok, other=-1)
+    at = off[:, None] + d[None, :]
+    in_batch = (off >= 0)[:, None] & d_ok
+    ref_at, in_ref = at, in_batch
+    if HAS_REF_OUT:
+        ref_off = tl.load(ref_off_ptr + rows, mask=row_ok, other=-1)
+        ref_at = ref_off[:, None] + d[None, :]
+        in_ref = (ref_off >= 0)[:, None] & d_ok
+    if NORMALIZE:
+        # the raw row is read twice (it stays in the cache) so that it is never held
+        # beside the accumulator for long: d raw = (g - (g . z) z) / |x| with z = x / |x|
+        inv = tl.load(inv_norm_ptr + rows, mask=row_ok, other=0.0)
+        radial = tl.sum(g * raw_rows(feat_ptr, ref_ptr, at, ref_at, in_batch, in_ref, HAS_REF_OUT), 1)
+        radial = radial * inv * inv * inv  # (g . x) / |x|^3
+        g = g * inv[:, None] - radial[:, None] * raw_rows(feat_ptr, ref_ptr, at, ref_at, in_batch, in_ref,
+                                                           HAS_REF_OUT)
+    tl.store(out_ptr + at, g.to(out_ptr.dtype.element_ty), mask=in_batch)
+    if HAS_REF_OUT:
+        tl.store(ref_out_ptr + ref_at, g.to(ref_out_ptr.dtype.element_ty), mask=in_ref)
