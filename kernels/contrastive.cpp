@@ -109,7 +109,10 @@ struct Sweep {
 
   int64_t num_blocks() const { return (A + kBlockRows - 1) / kBlockRows; }
 
-  at::Tensor tile_buffer() const { return at::empty({kBlockRows * kTileCols}, anchors.options()); }
+  // scratch sized to the problem: small problems allocate (and touch) small buffers
+  int64_t tile_rows() const { return std::min(kBlockRows, A); }
+  int64_t tile_cols() const { return std::min(kTileCols, K); }
+  at::Tensor tile_buffer() const { return at::empty({tile_rows() * tile_cols()}, anchors.options()); }
 
   // A statistics pass over all tiles, parallel over row blocks.
   void row_pass(T* acc) const {
@@ -133,8 +136,8 @@ struct Sweep {
     const T inv_t = T(1.0 / temperature);
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
       at::Tensor buf = tile_buffer();
-      at::Tensor prod_a = at::empty({kBlockRows, D}, anchors.options());
-      at::Tensor prod_c = at::empty({kTileCols, D}, anchors.options());
+      at::Tensor prod_a = at::empty({tile_rows(), D}, anchors.options());
+      at::Tensor prod_c = at::empty({tile_cols(), D}, anchors.options());
       for (int64_t g = g0; g < g1; ++g) {
         at::Tensor dc = grad_c[g];
         const int64_t b_begin = g * nb / groups, b_end = (g + 1) * nb / groups;
@@ -247,8 +250,9 @@ struct SymmetricSweep {
   void for_each_group(Fn&& fn) const {
     const int64_t nt = int64_t(tiles.size());
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-      at::Tensor buf = at::empty({kSquare * kSquare}, sw.anchors.options());
-      at::Tensor buf_t = at::empty({kSquare * kSquare}, sw.anchors.options());
+      const int64_t side = std::min(kSquare, sw.A);  // scratch sized to the problem
+      at::Tensor buf = at::empty({side * side}, sw.anchors.options());
+      at::Tensor buf_t = at::empty({side * side}, sw.anchors.options());
       for (int64_t g = g0; g < g1; ++g) fn(g, g * nt / groups, (g + 1) * nt / groups, buf, buf_t);
     });
   }
@@ -295,7 +299,7 @@ struct SymmetricSweep {
     const T inv_t = T(1.0 / sw.temperature);
     for_each_group([&](int64_t g, int64_t t0, int64_t t1, at::Tensor& buf, at::Tensor& buf_t) {
       at::Tensor dz = part[g];
-      at::Tensor prod = at::empty({kSquare, sw.D}, sw.anchors.options());
+      at::Tensor prod = at::empty({std::min(kSquare, sw.A), sw.D}, sw.anchors.options());
       for (int64_t t = t0; t < t1; ++t) {
         const auto [i0, k0] = tiles[t];
         const int64_t rows = extent(i0), cols = extent(k0);
@@ -442,6 +446,163 @@ std::tuple<at::Tensor, at::Tensor> grads(const at::Tensor& anchors, const at::Te
                              gamma, params, contrast_rows);
 }
 
+
+// ---- the O(N) steps around the sweeps, so that a small problem costs few dispatches -----
+
+// Row r of the batch (view-major: r = v*B + b of a [B, V, D] tensor, or row r of [N, D]).
+template <typename S>
+const S* batch_row(const at::Tensor& features, int64_t r, int64_t b) {
+  const S* base = features.data_ptr<S>();
+  if (features.dim() == 3) return base + (r % b) * features.stride(0) + (r / b) * features.stride(1);
+  return base + r * features.stride(0);
+}
+
+template <typename T, typename S>
+void copy_rows(const at::Tensor& src, int64_t first, int64_t count, bool batch, int64_t b, T* x, T* inv,
+               bool normalize) {
+  const int64_t D = src.size(-1), sd = src.stride(-1);
+  at::parallel_for(0, count, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const S* row = batch ? batch_row<S>(src, r, b) : src.data_ptr<S>() + r * src.stride(0);
+      T* out = x + (first + r) * D;
+      T ss = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        out[d] = T(row[d * sd]);
+        ss += out[d] * out[d];
+      }
+      if (normalize) {
+        const T scale = T(1) / std::max(std::sqrt(ss), T(1e-12));
+        inv[first + r] = scale;
+        for (int64_t d = 0; d < D; ++d) out[d] *= scale;
+      }
+    }
+  });
+}
+
+template <typename T>
+void fill_rows(const at::Tensor& features, const c10::optional<at::Tensor>& ref, T* x, T* inv, bool normalize) {
+  const int64_t b = features.size(0);
+  const int64_t m = features.dim() == 3 ? b * features.size(1) : b;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "fastcon_rows", [&] {
+    copy_rows<T, scalar_t>(features, 0, m, true, b, x, inv, normalize);
+  });
+  if (ref.has_value() && ref->defined()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ref->scalar_type(), "fastcon_ref_rows", [&] {
+      copy_rows<T, scalar_t>(*ref, m, ref->size(0), false, 1, x, inv, normalize);
+    });
+  }
+}
+
+// Normalised rows in the compute dtype (contiguous [K, D]), 1/|row|, int32 class ids (ranks
+// of the labels; the `unlabelled` last rows share a class no label has) and, for the first
+// `num_anchors` rows, |P| and |N|: the other rows of their class and the rows of other classes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare(const at::Tensor& features,
+                                                                     const c10::optional<at::Tensor>& ref,
+                                                                     const at::Tensor& labels, int64_t unlabelled,
+                                                                     int64_t num_anchors, bool normalize) {
+  TORCH_CHECK(features.device().is_cpu() && (features.dim() == 2 || features.dim() == 3),
+              "features must be a [B, V, D] or [N, D] CPU tensor");
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1, "labels must be 1-D int64");
+  const at::ScalarType dtype = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t D = features.size(-1);
+  const int64_t m = features.dim() == 3 ? features.size(0) * features.size(1) : features.size(0);
+  const int64_t R = ref.has_value() && ref->defined() ? ref->size(0) : 0;
+  const int64_t K = m + R;
+  TORCH_CHECK(labels.numel() + unlabelled == K, "labels and unlabelled rows must cover every contrast row");
+  TORCH_CHECK(num_anchors >= 0 && num_anchors <= m, "num_anchors out of range");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const auto opts = features.options().dtype(dtype);
+  at::Tensor x = at::empty({K, D}, opts);
+  at::Tensor inv = at::empty({normalize ? K : 0}, opts);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "fastcon_prepare", [&] {
+    fill_rows<scalar_t>(features, ref, x.data_ptr<scalar_t>(), normalize ? inv.data_ptr<scalar_t>() : nullptr,
+                        normalize);
+  });
+  const int64_t L = labels.numel();
+  at::Tensor y = labels.contiguous();
+  const int64_t* yp = y.data_ptr<int64_t>();
+  std::vector<int64_t> order(L);
+  for (int64_t i = 0; i < L; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return yp[a] < yp[b]; });
+  at::Tensor ranks = at::empty({K}, features.options().dtype(at::kInt));
+  int32_t* rp = ranks.data_ptr<int32_t>();
+  std::vector<int64_t> sizes;  // per class
+  int32_t rank = -1;
+  for (int64_t i = 0; i < L; ++i) {
+    if (i == 0 || yp[order[i]] != yp[order[i - 1]]) {
+      ++rank;
+      sizes.push_back(0);
+    }
+    rp[order[i]] = rank;
+    ++sizes[rank];
+  }
+  for (int64_t i = L; i < K; ++i) rp[i] = int32_t(L);
+  at::Tensor n_pos = at::empty({num_anchors}, opts);
+  at::Tensor n_neg = at::empty({num_anchors}, opts);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "fastcon_counts", [&] {
+    scalar_t* pp = n_pos.data_ptr<scalar_t>();
+    scalar_t* nn = n_neg.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < num_anchors; ++i) {
+      const int64_t same = i < L ? sizes[rp[i]] : unlabelled;
+      pp[i] = scalar_t(same - 1);
+      nn[i] = scalar_t(K - same);
+    }
+  });
+  return {x, inv, ranks, n_pos, n_neg};
+}
+
+// The gradient w.r.t. the user's rows from `grad` [n, D] w.r.t. the normalised rows `x`:
+// (g - (g . x) x) / |row| (without normalisation: g), times `scale`; the batch rows' part in
+// the features' shape and dtype, the ref rows' part (when grad has them and need_ref) in ref's.
+std::tuple<at::Tensor, at::Tensor> finish(const at::Tensor& grad, const at::Tensor& x,
+                                          const c10::optional<at::Tensor>& inv_norm, const at::Tensor& features,
+                                          const c10::optional<at::Tensor>& ref, double scale, bool need_ref) {
+  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous() && x.is_contiguous() && grad.scalar_type() == x.scalar_type(),
+              "grad and x must be contiguous and of one dtype");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const int64_t n = grad.size(0), D = grad.size(1);
+  const int64_t b = features.size(0);
+  const int64_t m = features.dim() == 3 ? b * features.size(1) : b;
+  const bool has_inv = inv_norm.has_value() && inv_norm->defined() && inv_norm->numel() > 0;
+  const bool with_ref = need_ref && ref.has_value() && ref->defined() && n > m;
+  at::Tensor grad_f = at::empty(features.sizes(), features.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_r = with_ref ? at::empty({n - m, D}, ref->options().memory_format(at::MemoryFormat::Contiguous))
+                               : at::empty({0}, features.options());
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastcon_finish", [&] {
+    using T = scalar_t;
+    const T* g = grad.data_ptr<T>();
+    const T* xp = x.data_ptr<T>();
+    const T* inv = has_inv ? inv_norm->data_ptr<T>() : nullptr;
+    const T s = T(scale);
+    auto store = [&](at::Tensor& out, int64_t first, int64_t count, bool batch) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fastcon_store", [&] {
+        scalar_t* o = out.data_ptr<scalar_t>();
+        at::parallel_for(0, count, 64, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t i = first + r;
+            const T* gi = g + i * D;
+            const T* xi = xp + i * D;
+            scalar_t* dst = batch ? (features.dim() == 3 ? o + (r % b) * out.stride(0) + (r / b) * out.stride(1)
+                                                         : o + r * out.stride(0))
+                                  : o + r * D;
+            if (inv) {
+              T radial = 0;
+              for (int64_t d = 0; d < D; ++d) radial += gi[d] * xi[d];
+              const T f = inv[i] * s;
+              for (int64_t d = 0; d < D; ++d) dst[d] = scalar_t((gi[d] - xi[d] * radial) * f);
+            } else {
+              for (int64_t d = 0; d < D; ++d) dst[d] = scalar_t(gi[d] * s);
+            }
+          }
+        });
+      });
+    };
+    store(grad_f, 0, std::min(n, m), true);
+    if (with_ref) store(grad_r, m, n - m, false);
+  });
+  return {grad_f, grad_r};
+}
+
 }  // namespace
 }  // namespace fastcon
 
@@ -454,6 +615,14 @@ TORCH_LIBRARY(fastcon_native, m) {
       "grads(Tensor anchors, Tensor contrast, Tensor anchor_cls, Tensor contrast_cls, int self_offset, "
       "bool symmetric, int kernel_id, float temperature, float beta, float gamma, Tensor params, "
       "int contrast_rows) -> (Tensor, Tensor)");
+  m.def(
+      "prepare(Tensor features, Tensor? ref, Tensor labels, int unlabelled, int num_anchors, bool normalize) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "finish(Tensor grad, Tensor x, Tensor? inv_norm, Tensor features, Tensor? ref, float scale, "
+      "bool need_ref) -> (Tensor, Tensor)");
   m.impl("stats", c10::DispatchKey::CPU, &fastcon::stats);
+  m.impl("prepare", c10::DispatchKey::CPU, &fastcon::prepare);
+  m.impl("finish", c10::DispatchKey::CPU, &fastcon::finish);
   m.impl("grads", c10::DispatchKey::CPU, &fastcon::grads);
 }

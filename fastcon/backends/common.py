@@ -196,16 +196,18 @@ class Engine:
 
     # --- the generic single-device algorithm ------------------------------------------
     def statistics(self, prep: Prepared, definition: LossDefinition):
+        """``(dense, positive)`` statistics of the anchors."""
         if prep.num_anchors == 0:
             nd, npos = len(definition.dense_slots), len(definition.positive_slots)
-            return prep.x.new_zeros(nd + npos, 0, dtype=compute_dtype(prep.x.dtype))
+            z = prep.x.new_zeros(nd + npos, 0, dtype=compute_dtype(prep.x.dtype))
+            return z[:nd], z[nd:]
         anchors, contrast = prep.anchors, prep.contrast
         if prep.num_anchors == prep.x.shape[0]:
             anchors = contrast  # symmetric: the same rows on both sides
         dense, positive = self.block_stats(anchors, contrast, 0, definition)
         if positive is None:
             _, positive = self.block_stats(anchors, contrast, 0, definition, dense=dense)
-        return torch.cat([dense, positive])
+        return dense, positive
 
     def gradients(self, prep: Prepared, definition, params, need_ref_grad: bool):
         """Gradient w.r.t. the normalised contrast rows (``[K, D]``, or ``[M, D]`` when the ref
@@ -221,11 +223,12 @@ class Engine:
         return grad_c
 
     def forward(self, prep: Prepared, definition, want_grad: bool, need_ref_grad: bool):
-        """``(row_loss, valid, saved statistics, grad wrt x or None)``."""
-        stats = self.statistics(prep, definition)
-        terms = split_finalize(definition, stats, prep.counts, None)
+        """``(row_loss, valid, statistics, grad wrt x or None)``; the statistics as one tensor
+        ``[slots, A]`` or as the pair ``(dense, positive)``."""
+        dense, positive = self.statistics(prep, definition)
+        terms = definition.finalize(dense, positive, prep.counts, None)
         grad = self.gradients(prep, definition, terms.params, need_ref_grad) if want_grad else None
-        return terms.loss, terms.valid, stats, grad
+        return terms.loss, terms.valid, (dense, positive), grad
 
     def backward(self, prep: Prepared, definition, stats, weight, need_ref_grad: bool):
         terms = split_finalize(definition, stats, prep.counts, weight)
@@ -256,7 +259,7 @@ class Engine:
     def rows(self, prep: Prepared, definition):
         """``(per-anchor loss, valid, statistics)`` of ``reduction="none"``."""
         row_loss, valid, stats, _ = self.forward(prep, definition, False, False)
-        return row_loss, valid, stats
+        return row_loss, valid, (stats if isinstance(stats, torch.Tensor) else torch.cat(stats))
 
     def rows_backward(self, prep: Prepared, definition, stats, grad_rows, need_f: bool, need_r: bool):
         """Gradients of ``sum_i grad_rows_i l_i`` from the statistics of :meth:`rows`."""

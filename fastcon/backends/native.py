@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 
 from .build import LIBRARY_NAME, build_native
-from .common import Engine
+from ..losses import Counts
+from .common import Engine, Prepared, joined_labels, unlabelled_rows
 
 _loaded: Optional[bool] = None
 _error = ""
@@ -39,6 +40,8 @@ def _try_load(path: Path) -> str:
         torch.ops.load_library(str(path))
         torch.ops.fastcon_native.stats  # noqa: B018 - the ops must be registered
         torch.ops.fastcon_native.grads  # noqa: B018
+        torch.ops.fastcon_native.prepare  # noqa: B018
+        torch.ops.fastcon_native.finish  # noqa: B018
     except (OSError, RuntimeError, AttributeError) as exc:
         return f"{path}: {exc}"
     return ""
@@ -93,9 +96,36 @@ def _op(name: str):
 
 class NativeEngine(Engine):
     """Engine interface of :mod:`fastcon.backends.common` on the compiled kernel (float32 or
-    float64 rows; half-precision users are computed in float32)."""
+    float64 rows; half-precision users are computed in float32). Preparing the rows (flatten,
+    normalise, rank the labels, count each anchor's class) and returning their gradients are
+    one compiled operator each, so a small problem costs few dispatches."""
 
     name = "native"
+
+    def prepare(self, features, labels, ref, ref_labels, num_anchors, normalize):
+        x, inv, ranks, n_pos, n_neg = _op("prepare")(features, ref, joined_labels(labels, ref_labels),
+                                                     unlabelled_rows(ref, ref_labels), num_anchors, bool(normalize))
+        k = x.shape[0]
+        counts = Counts(n_pos, n_neg, k)
+        m = k - (0 if ref is None else ref.shape[0])
+        return Prepared(x, ranks, m, num_anchors, inv if normalize else None, counts, features, ref)
+
+    def finish(self, prep, grad_x, features, ref, scale=1.0):
+        grad_f, grad_r = _op("finish")(grad_x.contiguous(), prep.x[: grad_x.shape[0]], prep.inv_norm, features, ref,
+                                       scale, ref is not None)
+        return grad_f, (grad_r if grad_r.numel() or (ref is not None and grad_x.shape[0] > prep.num_rows) else None)
+
+    def reduced(self, prep, definition, mean, need_f, need_r):
+        want = need_f or need_r
+        row_loss, valid, _, grad = self.forward(prep, definition, want, need_r)
+        n_valid = valid.sum()
+        total = row_loss.sum()
+        divisor = float(max(int(n_valid), 1)) if mean else 1.0  # CPU tensors: reading one is free
+        grad_f = grad_r = None
+        if want:  # the divisor goes into the compiled epilogue
+            grad_f, grad_r = self.finish(prep, grad, prep.features, prep.ref, 1.0 / divisor)
+        return (total / divisor if mean else total), n_valid, (grad_f if need_f else None), \
+            (grad_r if need_r else None)
 
     def block_stats(self, anchors, contrast, self_offset, definition, dense=None):
         symmetric = anchors is contrast

@@ -72,7 +72,7 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def keep(x: torch.Tensor, valid: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
     """``x`` at valid anchors, ``fill`` elsewhere."""
-    return torch.where(valid, x, torch.full_like(x, fill))
+    return torch.where(valid, x, fill)
 
 
 def safe_lse(lse: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
