@@ -230,14 +230,16 @@ class GradCache:
 
     def _check_synchronised(self) -> None:
         """Refuse to leave each rank with its local gradients when nothing says they are synchronised."""
+        if self.sync_gradients:
+            group_rank_and_size(self.process_group)  # a process_group without torch.distributed: raise now
         if self.sync_gradients is not None or hasattr(self.model, "no_sync"):
             return
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         raise RuntimeError(
             f"GradCache runs on {dist.get_world_size()} processes but nothing would average the gradients over them: "
-            f"model ({type(self.model).__name__}) is not a DistributedDataParallel wrapper, and a module under one "
-            "is called directly, so DDP never all-reduces. Pass sync_gradients=True (GradCache then all-reduces "
+            f"model ({type(self.model).__name__}) is not a DistributedDataParallel wrapper (a module under one is "
+            "called outside DDP's forward, so DDP never all-reduces its gradients). Pass sync_gradients=True (GradCache then all-reduces "
             "model's gradients as DDP does), or the DDP wrapper itself as model, or sync_gradients=False if the "
             "gradients are synchronised elsewhere")
 
@@ -328,6 +330,9 @@ def _replay_rng(state, devices: list):
 def _wrapper_called(model):
     """Yields a list that is non-empty once ``model`` itself has been called."""
     called = []
+    if not isinstance(model, torch.nn.Module):  # cannot watch it: trust it
+        yield [True]
+        return
     handle = model.register_forward_pre_hook(lambda module, args: called.append(True))
     try:
         yield called

@@ -373,6 +373,9 @@ def test_bad_sync_options():
         fastcon.GradCache(FakeDDP(Tiny()), make_loss("supcon"), 4, sync_gradients=True)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         fastcon.GradCache(lambda c: c, make_loss("supcon"), 4, sync_gradients=True)
+    cache = fastcon.GradCache(Tiny(), make_loss("supcon"), 4, sync_gradients=True, process_group=object())
+    with pytest.raises(RuntimeError, match="process_group was given but torch.distributed is not initialised"):
+        cache.step(*batch())
 
 
 # ----------------------------------------------------------------------------- DDP, 2 processes
