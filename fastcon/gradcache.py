@@ -51,8 +51,8 @@ class GradCache:
         chunk_size: rows of the inputs per forward pass (a positive int). The last chunk
             may be smaller, so it need not divide the batch.
         forward: optional ``forward(chunk) -> outputs`` used instead of ``model(chunk)``,
-            e.g. ``lambda x: model(x, heads, None)``; it must call ``model`` so that
-            ``model.no_sync()`` applies to it under DDP.
+            e.g. ``lambda x: model(x, heads, None)``. With a DDP wrapper as ``model`` it
+            must call the wrapper, so that DDP all-reduces (checked on the last chunk).
         autocast: optional zero-argument callable returning a context manager to run
             the forward passes and the loss under, e.g. ``lambda: torch.autocast("cuda",
             dtype=torch.bfloat16)``. Calling :meth:`step` inside an autocast region works
@@ -71,12 +71,12 @@ class GradCache:
 
     Outputs are concatenated along dim 0 in chunk order, so the loss sees exactly the
     batch layout of a plain step (a chunk's outputs may have more or fewer rows than its
-    inputs, as long as the second pass gives the same shapes). Chunking is along dim 0 of the inputs: inputs ``[B, V,
-    ...]`` with a model returning ``[b, V, D]`` give fastcon's ``[B, V, D]`` features;
-    rows ``[V*B, ...]`` (all of view 0 first, as the harness builds them) give ``[V*B,
-    D]`` rows for the loss to reshape. A model whose output rows depend on other rows of
-    its chunk (batch norm in training mode, in-batch mixing) sees smaller batches than
-    in a plain step, and then the gradients are not the plain step's.
+    inputs, as long as the second pass gives the same shapes). Chunking is along dim 0 of
+    the inputs: inputs ``[B, V, ...]`` with a model returning ``[b, V, D]`` give fastcon's
+    ``[B, V, D]`` features; rows ``[V*B, ...]`` (all of view 0 first, as the harness
+    builds them) give ``[V*B, D]`` rows for the loss to reshape. A model whose output rows
+    depend on other rows of its chunk (batch norm in training mode, in-batch mixing) sees
+    smaller batches than in a plain step, and then the gradients are not the plain step's.
 
     Randomness: the global CPU generator and the CUDA generators of the devices in use
     are saved per chunk and restored for the second pass, after which they continue as
@@ -239,9 +239,9 @@ class GradCache:
         raise RuntimeError(
             f"GradCache runs on {dist.get_world_size()} processes but nothing would average the gradients over them: "
             f"model ({type(self.model).__name__}) is not a DistributedDataParallel wrapper (a module under one is "
-            "called outside DDP's forward, so DDP never all-reduces its gradients). Pass sync_gradients=True (GradCache then all-reduces "
-            "model's gradients as DDP does), or the DDP wrapper itself as model, or sync_gradients=False if the "
-            "gradients are synchronised elsewhere")
+            "called outside DDP's forward, so DDP never all-reduces its gradients). Pass sync_gradients=True "
+            "(GradCache then all-reduces model's gradients as DDP does), or the DDP wrapper itself as model, or "
+            "sync_gradients=False if the gradients are synchronised elsewhere")
 
     def _autocast(self):
         return self.autocast() if self.autocast is not None else contextlib.nullcontext()
