@@ -364,6 +364,14 @@ def test_sync_gradients_without_process_group_is_a_plain_step():
     assert_grads_close(got, want)
 
 
+def test_global_loss_value_of_one_process_is_the_loss():
+    loss = make_loss("supcon", gather=True)(Tiny()(batch()[0]), batch()[1])
+    logged = fastcon.distributed.global_loss_value(loss)
+    assert torch.equal(logged, loss.detach()) and not logged.requires_grad
+    with pytest.raises(ValueError, match="loss must be a scalar tensor"):
+        fastcon.distributed.global_loss_value(loss.expand(3))
+
+
 def test_bad_sync_options():
     with pytest.raises(TypeError, match="sync_gradients must be None, True or False"):
         fastcon.GradCache(Tiny(), make_loss("supcon"), 4, sync_gradients=1)
