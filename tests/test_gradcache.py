@@ -14,6 +14,7 @@ import faulthandler
 import json
 import os
 import socket
+import time
 import traceback
 from datetime import timedelta
 
@@ -268,6 +269,123 @@ def test_bad_inputs_and_loss():
         fastcon.GradCache(Tiny(), make_loss("supcon"), 4, forward=lambda c: "nope").step(x, y)
 
 
+# ----------------------------------------------------------------------------- batch norm
+
+class TinyBN(torch.nn.Module):
+    """Linear-BatchNorm-ReLU-Linear on ``[b, V, D_IN]``; the batch norm sees the ``b * V`` rows
+    of a chunk together. ``lazy``: a ``LazyBatchNorm1d``, sized by its first call."""
+
+    def __init__(self, seed=0, lazy=False):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.first = torch.nn.Linear(D_IN, HIDDEN)
+        self.norm = torch.nn.LazyBatchNorm1d() if lazy else torch.nn.BatchNorm1d(HIDDEN)
+        self.last = torch.nn.Linear(HIDDEN, D_OUT)
+        with torch.no_grad():
+            for p_ in (*self.first.parameters(), *self.last.parameters()):
+                p_.copy_(torch.randn(p_.shape, generator=g) * 0.5)
+        self.double()
+
+    def forward(self, x):
+        h = self.first(x)
+        h = self.norm(h.flatten(0, 1)).view_as(h)
+        return self.last(torch.relu(h))
+
+
+def running_stats(model):
+    return {k: v.clone() for k, v in model.norm.state_dict().items() if k.startswith(("running", "num_batches"))}
+
+
+@pytest.mark.parametrize("chunk_size", [10, 4], ids=["chunk-covers-batch", "chunks-of-4"])
+@pytest.mark.parametrize("lazy", [False, True], ids=["batchnorm", "lazy-batchnorm"])
+def test_batchnorm_running_stats_updated_once(chunk_size, lazy):
+    """The first pass must not move the running statistics: after the step they are those of
+    the plain step run chunk by chunk (one update per chunk), and so are the gradients."""
+    loss_fn = make_loss("supcon")
+    x, y = batch()
+    plain, cached = TinyBN(lazy=lazy), TinyBN(lazy=lazy)
+    _, want, _ = reference_step(plain, loss_fn, x, (y,), {}, chunk_size, seed=0)
+    _, got, _, _ = cached_step(cached, loss_fn, x, (y,), {}, chunk_size, seed=0)
+    assert_grads_close(got, want)
+    want_stats, got_stats = running_stats(plain), running_stats(cached)
+    chunks = -(-10 // chunk_size)
+    assert int(got_stats["num_batches_tracked"]) == chunks
+    for name in want_stats:
+        torch.testing.assert_close(got_stats[name], want_stats[name], rtol=1e-12, atol=1e-14,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_batchnorm_in_eval_mode_is_left_alone():
+    model = TinyBN()
+    model.norm.eval()
+    with torch.no_grad():
+        model.norm.running_mean.normal_()
+    before = running_stats(model)
+    x, y = batch()
+    fastcon.GradCache(model, make_loss("supcon"), 4).step(x, y)
+    for name, value in running_stats(model).items():
+        assert torch.equal(value, before[name]), name
+
+
+# ----------------------------------------------------------------------------- gradient synchronisation options
+
+class FakeDDP(torch.nn.Module):
+    """What GradCache looks at of a DistributedDataParallel wrapper: ``no_sync()`` and being called."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        yield
+
+
+def test_forward_that_bypasses_the_wrapper_is_refused():
+    """With a DDP wrapper as model, a forward that calls the wrapped module directly would
+    leave DDP's all-reduce out: the step raises instead of returning local gradients."""
+    wrapper = FakeDDP(Tiny())
+    x, y = batch()
+    with pytest.raises(RuntimeError, match="forward did not call model"):
+        fastcon.GradCache(wrapper, make_loss("supcon"), 4, forward=wrapper.module).step(x, y)
+    fastcon.GradCache(wrapper, make_loss("supcon"), 4, forward=lambda c: wrapper(c)).step(x, y)  # calls it: fine
+
+
+def test_sync_gradients_without_process_group_is_a_plain_step():
+    """Without torch.distributed (one process) sync_gradients=True changes nothing, so the
+    same script runs with and without torchrun."""
+    model, loss_fn = Tiny(), make_loss("supcon")
+    x, y = batch()
+    _, want, _ = reference_step(model, loss_fn, x, (y,), {}, 4, seed=5)
+    _, got, _, _ = cached_step(model, loss_fn, x, (y,), {}, 4, seed=5, sync_gradients=True)
+    assert_grads_close(got, want)
+
+
+def test_global_loss_value_of_one_process_is_the_loss():
+    loss = make_loss("supcon", gather=True)(Tiny()(batch()[0]), batch()[1])
+    logged = fastcon.distributed.global_loss_value(loss)
+    assert torch.equal(logged, loss.detach()) and not logged.requires_grad
+    with pytest.raises(ValueError, match="loss must be a scalar tensor"):
+        fastcon.distributed.global_loss_value(loss.expand(3))
+
+
+def test_bad_sync_options():
+    with pytest.raises(TypeError, match="sync_gradients must be None, True or False"):
+        fastcon.GradCache(Tiny(), make_loss("supcon"), 4, sync_gradients=1)
+    with pytest.raises(ValueError, match="process_group is only used with sync_gradients=True"):
+        fastcon.GradCache(Tiny(), make_loss("supcon"), 4, process_group=object())
+    with pytest.raises(ValueError, match="leave sync_gradients unset"):
+        fastcon.GradCache(FakeDDP(Tiny()), make_loss("supcon"), 4, sync_gradients=True)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        fastcon.GradCache(lambda c: c, make_loss("supcon"), 4, sync_gradients=True)
+    cache = fastcon.GradCache(Tiny(), make_loss("supcon"), 4, sync_gradients=True, process_group=object())
+    with pytest.raises(RuntimeError, match="process_group was given but torch.distributed is not initialised"):
+        cache.step(*batch())
+
+
 # ----------------------------------------------------------------------------- DDP, 2 processes
 
 RANK_ROWS = 6  # per rank; chunk size 4 does not divide it
@@ -323,6 +441,152 @@ def _ddp_check(kind, rank, world):
     torch.testing.assert_close(mean_loss / world, want_loss.detach(), rtol=RTOL, atol=0)
 
 
+STEPS = 3
+
+
+class Parent(torch.nn.Module):
+    """A LightningModule's shape: an encoder and a head, wrapped in DDP as a whole, whose
+    training step calls the encoder directly (never the DDP wrapper)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = Tiny(p=0.0)
+        self.head = torch.nn.Linear(D_OUT, CLASSES, dtype=torch.float64)  # not trained by this loss
+
+
+def _rank_batches(rank, world):
+    """This rank's inputs and labels for each of ``STEPS`` steps."""
+    out = []
+    for step in range(STEPS):
+        x, y = batch(b=RANK_ROWS * world, seed=20 + step)
+        mine = slice(rank * RANK_ROWS, (rank + 1) * RANK_ROWS)
+        out.append((x[mine], y[mine]))
+    return out
+
+
+def _train(make_step, parameters, rank, world):
+    """``STEPS`` SGD steps; ``make_step() -> step(x, y)`` accumulates one step's gradients."""
+    parameters = list(parameters)
+    optimizer = torch.optim.SGD(parameters, lr=0.5)
+    step = make_step()
+    for x, y in _rank_batches(rank, world):
+        optimizer.zero_grad(set_to_none=True)
+        step(x, y)
+        optimizer.step()
+    return [p.detach().clone() for p in parameters]
+
+
+def _plain_ddp_parameters(rank, world):
+    """Plain DDP training: the whole rank batch in one forward, gather=True, one backward."""
+    ddp = torch.nn.parallel.DistributedDataParallel(Tiny(p=0.0))
+    loss_fn = make_loss("supcon", gather=True)
+    return _train(lambda: lambda x, y: loss_fn(ddp(x), y).backward(), ddp.parameters(), rank, world)
+
+
+def _assert_parameters_close(got, want, rtol=RTOL):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        err = (g - w).norm() / w.norm()
+        assert err <= rtol, f"parameter {i}: relative error {err:.3g} against plain DDP training"
+
+
+def _cached_parameters(how, rank, world):
+    """``STEPS`` GradCache steps (chunks of 4 rows of 6) of the model of :func:`_plain_ddp_parameters`."""
+    loss_fn = make_loss("supcon", gather=True)
+    if how == "wrapper":
+        ddp = torch.nn.parallel.DistributedDataParallel(Tiny(p=0.0))
+        return _train(lambda: fastcon.GradCache(ddp, loss_fn, 4).step, ddp.parameters(), rank, world)
+    if how in ("module-under-ddp", "module-under-ddp-local"):
+        ddp = torch.nn.parallel.DistributedDataParallel(Tiny(p=0.0))
+        sync = how == "module-under-ddp"
+        return _train(lambda: fastcon.GradCache(ddp.module, loss_fn, 4, sync_gradients=sync).step,
+                      ddp.parameters(), rank, world)
+    if how == "lightning-style":
+        ddp = torch.nn.parallel.DistributedDataParallel(Parent(), find_unused_parameters=True)
+        group = dist.new_group([0, 1])
+        encoder = ddp.module.encoder
+        got = _train(lambda: fastcon.GradCache(encoder, loss_fn, 4, sync_gradients=True, process_group=group).step,
+                     ddp.parameters(), rank, world)
+        assert all(p.grad is None for p in ddp.module.head.parameters()), "the unused head got a gradient"
+        return [p.detach() for p in encoder.parameters()]
+    raise ValueError(how)
+
+
+def _check_training(how, rank, world):
+    _assert_parameters_close(_cached_parameters(how, rank, world), _plain_ddp_parameters(rank, world))
+
+
+def _check_local_gradients_differ(rank, world):
+    """sync_gradients=False on a module under DDP trains on local gradients: the comparison
+    with plain DDP training above can fail."""
+    got = _cached_parameters("module-under-ddp-local", rank, world)
+    with pytest.raises(AssertionError, match="relative error"):
+        _assert_parameters_close(got, _plain_ddp_parameters(rank, world))
+
+
+def _check_refused(how, rank, world):
+    """Nothing would synchronise the gradients: every rank raises, naming the option, before
+    any collective (so no rank waits on another)."""
+    ddp = torch.nn.parallel.DistributedDataParallel(Tiny(p=0.0))
+    x, y = _rank_batches(rank, world)[0]
+    if how == "module-under-ddp":
+        with pytest.raises(RuntimeError, match="sync_gradients=True"):
+            fastcon.GradCache(ddp.module, make_loss("supcon", gather=True), 4).step(x, y)
+    else:  # the wrapper as model, but a forward that bypasses it
+        with pytest.raises(RuntimeError, match="forward did not call model"):
+            fastcon.GradCache(ddp, make_loss("supcon", gather=True), 4, forward=ddp.module).step(x, y)
+    dist.barrier()
+
+
+def _check_gradient_only_on_some_ranks(rank, world):
+    """A parameter with a gradient on rank 0 only is averaged with zeros elsewhere, as DDP does;
+    one with a gradient on no rank keeps None."""
+    used_on_rank0, unused = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    kept = torch.nn.Parameter(torch.zeros(4))
+    kept.grad = torch.full((4,), float(rank + 1))
+    if rank == 0:
+        used_on_rank0.grad = torch.full((3,), 4.0)
+    gradcache._all_reduce_gradients([used_on_rank0, unused, kept])
+    assert torch.equal(used_on_rank0.grad, torch.full((3,), 4.0 / world)), used_on_rank0.grad
+    assert torch.equal(kept.grad, torch.full((4,), sum(range(1, world + 1)) / world)), kept.grad
+    assert unused.grad is None
+
+
+def _check_global_loss_value(rank, world):
+    """The logged value is the loss of one process on the whole batch, on every rank, while
+    each rank's own loss is its scaled share."""
+    x, y = batch(b=RANK_ROWS * world, seed=31)
+    model = Tiny(p=0.0)
+    want = make_loss("supcon")(model(x), y).detach()
+    mine = slice(rank * RANK_ROWS, (rank + 1) * RANK_ROWS)
+    ddp = torch.nn.parallel.DistributedDataParallel(Tiny(p=0.0))
+    for get_loss in (lambda: make_loss("supcon", gather=True)(ddp(x[mine]), y[mine]),
+                     lambda: fastcon.GradCache(ddp, make_loss("supcon", gather=True), 4).step(x[mine], y[mine])):
+        loss = get_loss()
+        logged = fastcon.distributed.global_loss_value(loss)
+        torch.testing.assert_close(logged, want, rtol=RTOL, atol=0)
+        assert not logged.requires_grad
+        mine_only = [None] * world
+        dist.all_gather_object(mine_only, float(loss))
+        assert any(abs(v - float(want)) > 1e-3 for v in mine_only), mine_only  # logging one rank would mislead
+    for how in ("sum", "none"):
+        loss = make_loss("supcon", gather=True, reduction=how)(ddp(x[mine]), y[mine])
+        if how == "sum":
+            torch.testing.assert_close(fastcon.distributed.global_loss_value(loss),
+                                       make_loss("supcon", reduction="sum")(model(x), y).detach(), rtol=RTOL, atol=0)
+        else:
+            with pytest.raises(ValueError, match="loss must be a scalar tensor"):
+                fastcon.distributed.global_loss_value(loss)
+
+
+CHECKS = {f"gather-{kind}": (_ddp_check, kind) for kind in DDP_KINDS}
+CHECKS.update({f"train-{how}": (_check_training, how) for how in ("wrapper", "module-under-ddp", "lightning-style")})
+CHECKS["train-module-under-ddp-local-gradients-differ"] = (_check_local_gradients_differ,)
+CHECKS.update({f"refused-{how}": (_check_refused, how) for how in ("module-under-ddp", "forward-bypasses-wrapper")})
+CHECKS["gradient-only-on-some-ranks"] = (_check_gradient_only_on_some_ranks,)
+CHECKS["global-loss-value"] = (_check_global_loss_value,)
+
+
 def _worker(rank, world, port, out_path):
     faulthandler.enable()
     torch.set_num_threads(1)
@@ -330,12 +594,12 @@ def _worker(rank, world, port, out_path):
                             timeout=timedelta(seconds=60))
     outcome = {}
     try:
-        for kind in DDP_KINDS:
+        for name, (fn, *args) in CHECKS.items():
             try:
-                _ddp_check(kind, rank, world)
-                outcome[kind] = "ok"
-            except Exception:  # noqa: BLE001 - reported by the test
-                outcome[kind] = traceback.format_exc()
+                fn(*args, rank, world)
+                outcome[name] = "ok"
+            except (Exception, pytest.fail.Exception):  # noqa: BLE001 - reported by the test (pytest.raises too)
+                outcome[name] = traceback.format_exc()
     finally:
         with open(f"{out_path}.{rank}.json", "w") as f:
             json.dump(outcome, f)
@@ -350,21 +614,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn(fn, args, nprocs, timeout):
+    """``mp.spawn`` that ends its processes and fails after ``timeout`` seconds instead of hanging."""
+    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"{nprocs} processes did not finish in {timeout} s")
+
+
 @pytest.fixture(scope="module")
 def ddp_outcomes(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("gradcache_ddp") / "rank")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    spawn(_worker, (2, _free_port(), out), nprocs=2, timeout=180)
     outcomes = {}
     for rank in range(2):
         with open(f"{out}.{rank}.json") as f:
-            for kind, result in json.load(f).items():
-                outcomes.setdefault(kind, []).append(None if result == "ok" else f"rank {rank}:\n{result}")
+            for name, result in json.load(f).items():
+                outcomes.setdefault(name, []).append(None if result == "ok" else f"rank {rank}:\n{result}")
     return outcomes
 
 
-@pytest.mark.parametrize("kind", DDP_KINDS)
-def test_ddp_gather_matches_single_process(kind, ddp_outcomes):
-    results = ddp_outcomes.get(kind)
-    assert results is not None and len(results) == 2, f"{kind} did not run on both ranks"
+@pytest.mark.parametrize("check", list(CHECKS))
+def test_two_processes(check, ddp_outcomes):
+    results = ddp_outcomes.get(check)
+    assert results is not None and len(results) == 2, f"{check} did not run on both ranks"
     failures = [r for r in results if r is not None]
     assert not failures, "\n".join(failures)

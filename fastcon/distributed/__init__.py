@@ -113,5 +113,25 @@ def rescale_local_sum(local_sum: torch.Tensor, num_rows: int, process_group=None
     return local_sum * (info[1] / max(total, 1.0))
 
 
-__all__ = ["check_gather", "distributed_loss", "rescale_local_sum", "all_gather_rows", "all_gather_rows_with_grad",
-           "all_reduce_sum", "group_rank_and_size", "RankLayout"]
+def global_loss_value(loss: torch.Tensor, process_group=None) -> torch.Tensor:
+    """The loss ``L`` of the whole batch (every rank's rows), for logging, from this rank's
+    ``gather=True`` loss.
+
+    A rank's loss is ``world_size * L_r`` (its share of ``L``, scaled for DDP's averaging of
+    gradients), so logging it alone misleads; this returns ``sum_r world_size * L_r /
+    world_size = L``, the same on every rank: the mean of ``loss`` over the ranks of
+    ``process_group``. Works for ``reduction="mean"`` and ``"sum"`` and for the loss that
+    :meth:`fastcon.GradCache.step` returns. A collective: every rank must call it. Without an
+    initialised group, or with one process, it is ``loss`` itself. Returns a detached scalar.
+    """
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss must be a scalar tensor (reduction='mean' or 'sum'), got {shape}")
+    info = group_rank_and_size(process_group)
+    if info is None or info[1] == 1:
+        return loss.detach()
+    return all_reduce_sum(loss, process_group) / info[1]
+
+
+__all__ = ["check_gather", "global_loss_value", "distributed_loss", "rescale_local_sum", "all_gather_rows",
+           "all_gather_rows_with_grad", "all_reduce_sum", "group_rank_and_size", "RankLayout"]
