@@ -4,8 +4,13 @@ The library is looked for, in order: ``$FASTCON_NATIVE_LIB`` (only there, when s
 ``fastcon/libfastcon_native.so`` and ``build/libfastcon_native.so`` (a CMake build:
 ``cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j2``); the build
 cache, where :mod:`.build` compiles it on first use against the running torch. Without it
-fastcon works as before (``backend="auto"`` falls back to the blockwise path) and
-:func:`import_error` says why.
+fastcon works as before (``backend="auto"`` falls back to the blockwise path),
+:func:`import_error` says why, and one line on stderr says so once per process (unless
+``FASTCON_NATIVE_BUILD=0`` asked for it).
+
+A library is checked before the dynamic loader sees it (a truncated one would kill the process
+with SIGBUS rather than raise): it must be a whole ELF file, and a cached one must match the
+digest recorded when it was built.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .build import LIBRARY_NAME, build_native
+from .build import LIBRARY_NAME, build_native, check_library, notice
 from .common import Engine
 
 _loaded: Optional[bool] = None
@@ -35,6 +40,9 @@ def library_candidates() -> list:
 
 def _try_load(path: Path) -> str:
     """"" when ``path`` loads and registers the ops, else why not."""
+    problem = check_library(path)
+    if problem:
+        return f"{path}: {problem}"
     try:
         torch.ops.load_library(str(path))
         torch.ops.fastcon_native.stats  # noqa: B018 - the ops must be registered
@@ -48,23 +56,28 @@ def _load() -> bool:
     global _loaded, _error, _location
     if _loaded is not None:
         return _loaded
+    env = os.environ.get("FASTCON_NATIVE_LIB")
     errors = []
-    candidates = library_candidates()
-    paths = [p for p in candidates if p.is_file()]
-    if os.environ.get("FASTCON_NATIVE_LIB") and not paths:
-        errors.append(f"FASTCON_NATIVE_LIB={candidates[0]} does not exist")
-    for path in paths:
-        error = _try_load(path)
+    for path in library_candidates():
+        if not path.is_file() and not env:
+            continue  # the prebuilt libraries are optional
+        error = _try_load(path) if path.is_file() else f"{path} is not a file"
         if not error:
             _loaded, _error, _location = True, "", path
             return True
-        errors.append(error)
-    if not os.environ.get("FASTCON_NATIVE_LIB"):
-        built, why = build_native()
+        errors.append(f"FASTCON_NATIVE_LIB={error}" if env else error)
+        if not env:
+            notice(f"skipping the native library {error}")
+    if env:
+        notice(f"native CPU kernel unavailable: {errors[0]}; using the blockwise backend")
+    else:
+        built, why = build_native()  # says on stderr why when it gives no library
         error = _try_load(built) if built is not None else why
         if not error:
             _loaded, _error, _location = True, "", built
             return True
+        if built is not None:
+            notice(f"native CPU kernel unavailable: {error}; using the blockwise backend")
         errors.append(error)
     _loaded, _error = False, "; ".join(errors)
     return False
