@@ -196,6 +196,38 @@ def test_build_held_by_another_process_is_waited_for_only_so_long(cache, fresh_l
     assert "another process has held" in _one_notice(capsys.readouterr().err)
 
 
+# ---- torch.compile as the first use in a process -----------------------------------------------
+
+COMPILE_FIRST = """
+import sys
+import torch
+import fastcon
+from fastcon.backends import build
+
+build.compiler = lambda: sys.argv[1]  # not $CXX, which Inductor would use too
+if sys.argv[2] == "imported":
+    import fastcon.native
+x = torch.randn(6, 2, 8, dtype=torch.float64)
+y = torch.tensor([0, 0, 1, 1, 2, 2])
+compiled = torch.compile(lambda x, y: fastcon.SupConLoss()(x, y), fullgraph=True, backend="aot_eager")(x, y)
+eager = fastcon.SupConLoss(backend="reference")(x, y)
+torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
+from fastcon.backends import native
+print(native.location())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["imported", "imported while tracing"])
+def test_compile_fullgraph_as_first_use_builds_and_loads_the_kernel(cache, tmp_path, good_library, loader):
+    """The loader (here also the build) runs during tracing, as plain Python: Dynamo cannot trace it."""
+    proc = _python(COMPILE_FIRST, {"FASTCON_CACHE_DIR": os.environ["FASTCON_CACHE_DIR"]},
+                   _fake_compiler(tmp_path, good_library), loader, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [str(cache)], proc.stdout + proc.stderr  # the native backend ran
+    assert "compiling" in _one_notice(proc.stderr)
+
+
 # ---- the real build ----------------------------------------------------------------------------
 
 @pytest.mark.slow

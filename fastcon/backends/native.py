@@ -10,12 +10,14 @@ fastcon works as before (``backend="auto"`` falls back to the blockwise path),
 
 A library is checked before the dynamic loader sees it (a truncated one would kill the process
 with SIGBUS rather than raise): it must be a whole ELF file, and a cached one must match the
-digest recorded when it was built.
+digest recorded when it was built. The loader runs once per process as plain Python, also when
+its first caller is being traced by ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +29,16 @@ from .common import Engine
 _loaded: Optional[bool] = None
 _error = ""
 _location: Optional[Path] = None
+
+
+def _eager(fn):
+    """``fn`` runs as plain Python inside ``torch.compile`` too, its result a constant of the graph:
+    Dynamo cannot trace file-system calls or ``dlopen``, and whether the kernel loads is a
+    fact of the process."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True  # what that sets, without importing Dynamo here (2 s)
+    return fn
 
 
 def library_candidates() -> list:
@@ -52,6 +64,7 @@ def _try_load(path: Path) -> str:
     return ""
 
 
+@_eager
 def _load() -> bool:
     global _loaded, _error, _location
     if _loaded is not None:
