@@ -133,6 +133,22 @@ def test_truncated_cached_library_is_rebuilt_in_a_fresh_process(cache, tmp_path,
     assert build.verify_cached(cache) == ""
 
 
+@pytest.mark.slow
+def test_truncated_prebuilt_library_is_skipped_for_the_cached_one(cache, tmp_path, good_library):
+    cache.parent.mkdir(parents=True)
+    shutil.copyfile(good_library, cache)
+    build.write_record(cache, build.record_path(cache))
+    prebuilt = _truncated(tmp_path / "build" / "libfastcon_native.so", good_library, 100_000)
+    proc = _python("import sys; from pathlib import Path; from fastcon.backends import native\n"
+                   "native.library_candidates = lambda: [Path(sys.argv[1])]\n"
+                   "print(native.is_available(), native.location())",
+                   {"FASTCON_CACHE_DIR": os.environ["FASTCON_CACHE_DIR"]}, str(prebuilt))
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    assert proc.stdout.split() == ["True", str(cache)], proc.stdout + proc.stderr
+    notice = _one_notice(proc.stderr)
+    assert "skipping" in notice and str(prebuilt) in notice and "truncated" in notice, notice
+
+
 # ---- what the loader says when no library can be used -----------------------------------------
 
 def test_empty_cached_library_is_not_silent(cache, fresh_loader, monkeypatch, capsys):
