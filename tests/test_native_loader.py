@@ -1,8 +1,8 @@
 """The native kernel's loader and its build cache under faults: a truncated, empty, foreign or
 unwritable library never crashes, hangs or silently disables the kernel.
 
-Every test points ``FASTCON_CACHE_DIR`` at a temporary directory; the user's cache is only read
-(the ``good_library`` fixture). Where a library must be built, a fake compiler copies the good one
+Every test points ``FASTCON_CACHE_DIR`` at a temporary directory; the user's cache only gives the
+good library (``good_library``: the kernel as the other native tests load it). Where a library must be built, a fake compiler copies the good one
 (``_fake_compiler``); only ``test_real_build_records_and_loads_the_library`` runs the real compiler.
 Loading a second copy of the kernel in the test process would register its operators twice, so
 every test that loads one runs a fresh Python.
