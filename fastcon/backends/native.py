@@ -4,25 +4,42 @@ The library is looked for, in order: ``$FASTCON_NATIVE_LIB`` (only there, when s
 ``fastcon/libfastcon_native.so`` and ``build/libfastcon_native.so`` (a CMake build:
 ``cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j2``); the build
 cache, where :mod:`.build` compiles it on first use against the running torch. Without it
-fastcon works as before (``backend="auto"`` falls back to the blockwise path) and
-:func:`import_error` says why.
+fastcon works as before (``backend="auto"`` falls back to the blockwise path),
+:func:`import_error` says why, and one line on stderr says so once per process (unless
+``FASTCON_NATIVE_BUILD=0`` asked for it).
+
+A library is checked before the dynamic loader sees it (a truncated one would kill the process
+with SIGBUS rather than raise): it must be a whole ELF file, and a cached one must match the
+digest recorded when it was built. The loader runs once per process as plain Python, also when
+its first caller is being traced by ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .build import LIBRARY_NAME, build_native
 from ..losses import Counts
+from .build import LIBRARY_NAME, build_native, check_library, notice
 from .common import Engine, Prepared, joined_labels, unlabelled_rows
 
 _loaded: Optional[bool] = None
 _error = ""
 _location: Optional[Path] = None
+
+
+def _eager(fn):
+    """``fn`` runs as plain Python inside ``torch.compile`` too, its result a constant of the graph:
+    Dynamo cannot trace file-system calls or ``dlopen``, and whether the kernel loads is a
+    fact of the process."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True  # what that sets, without importing Dynamo here (2 s)
+    return fn
 
 
 def library_candidates() -> list:
@@ -36,6 +53,9 @@ def library_candidates() -> list:
 
 def _try_load(path: Path) -> str:
     """"" when ``path`` loads and registers the ops, else why not."""
+    problem = check_library(path)
+    if problem:
+        return f"{path}: {problem}"
     try:
         torch.ops.load_library(str(path))
         torch.ops.fastcon_native.stats  # noqa: B018 - the ops must be registered
@@ -47,27 +67,33 @@ def _try_load(path: Path) -> str:
     return ""
 
 
+@_eager
 def _load() -> bool:
     global _loaded, _error, _location
     if _loaded is not None:
         return _loaded
+    env = os.environ.get("FASTCON_NATIVE_LIB")
     errors = []
-    candidates = library_candidates()
-    paths = [p for p in candidates if p.is_file()]
-    if os.environ.get("FASTCON_NATIVE_LIB") and not paths:
-        errors.append(f"FASTCON_NATIVE_LIB={candidates[0]} does not exist")
-    for path in paths:
-        error = _try_load(path)
+    for path in library_candidates():
+        if not path.is_file() and not env:
+            continue  # the prebuilt libraries are optional
+        error = _try_load(path) if path.is_file() else f"{path} is not a file"
         if not error:
             _loaded, _error, _location = True, "", path
             return True
-        errors.append(error)
-    if not os.environ.get("FASTCON_NATIVE_LIB"):
-        built, why = build_native()
+        errors.append(f"FASTCON_NATIVE_LIB={error}" if env else error)
+        if not env:
+            notice(f"skipping the native library {error}")
+    if env:
+        notice(f"native CPU kernel unavailable: {errors[0]}; using the blockwise backend")
+    else:
+        built, why = build_native()  # says on stderr why when it gives no library
         error = _try_load(built) if built is not None else why
         if not error:
             _loaded, _error, _location = True, "", built
             return True
+        if built is not None:
+            notice(f"native CPU kernel unavailable: {error}; using the blockwise backend")
         errors.append(error)
     _loaded, _error = False, "; ".join(errors)
     return False
