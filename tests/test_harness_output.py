@@ -184,6 +184,10 @@ def test_curves_second_panel_shows_the_final_accuracy_of_a_two_stage_run(tmp_pat
     assert points == [((5, 87.0),)]
     assert accuracy.get_legend().get_texts()[0].get_text() == "after stage 2 (linear classifier)"
 
+    one_stage = [{"epoch": e, "stage": 1, "train_loss": 1 / e, "test_top1": e / 4} for e in (1, 2, 3)]
+    fig = _figure_of(monkeypatch, lambda: plots.curves(one_stage, str(tmp_path / "d.png"), final_top1=0.75))
+    assert [tuple(zip(*line.get_data())) for line in fig.axes[1].lines] == [((1, 25.0), (2, 50.0), (3, 75.0))]
+
 
 def test_memory_axis_reads_in_mib_and_gib(tmp_path, monkeypatch):
     import matplotlib

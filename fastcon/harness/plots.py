@@ -17,6 +17,8 @@ def _pyplot():
 def curves(history: list, path: str, *, title: str = "", final_top1: float | None = None) -> None:
     """Training loss per epoch, and test top-1 where measured: per evaluated epoch, and the
     final value (for LaCViT's SupCon, the only one: its classifier is trained in stage 2)."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for stage, style in ((1, "-"), (2, "--")):
@@ -29,15 +31,20 @@ def curves(history: list, path: str, *, title: str = "", final_top1: float | Non
     points = [(r["epoch"], 100 * r["test_top1"]) for r in history if "test_top1" in r]
     if points:
         ax_acc.plot(*zip(*points), "o-", label="during training")
-    if final_top1 is not None and history:
-        last = max(r["epoch"] for r in history)
-        two_stage = any(r.get("stage", 1) == 2 for r in history)
+    last = max((r["epoch"] for r in history), default=0)
+    two_stage = any(r.get("stage", 1) == 2 for r in history)
+    # a one-stage run's final value is its last evaluated epoch's, already drawn
+    if final_top1 is not None and (two_stage or not points or points[-1][0] != last):
         ax_acc.plot([last], [100 * final_top1], "*", markersize=14, color="tab:red",
                     label="after stage 2 (linear classifier)" if two_stage else "final")
         ax_acc.annotate(f"{100 * final_top1:.1f}", (last, 100 * final_top1), textcoords="offset points",
-                        xytext=(0, -16), ha="center")
-        ax_acc.set_xlim(0, last + 1)
-    ax_acc.set_ylim(0, 100)
+                        xytext=(0, -18), ha="center")
+    if last:
+        ax_acc.set_xlim(0, last + max(1.0, 0.05 * last))  # room for the last marker
+    ax_acc.set_ylim(0, 105)
+    ax_acc.set_yticks(range(0, 101, 20))
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("test top-1 (%)")
     if ax_acc.lines:
