@@ -241,6 +241,10 @@ def test_curve_writes_one_row_per_loss_and_batch_size(tmp_path, capsys):
     assert md.startswith("| loss | batch |")
     assert len([line for line in md.splitlines() if line.startswith(("| ce |", "| clce |"))]) == 4
     assert "fastcon curve --batch-sizes 16,32 --losses ce,clce --match steps" in md
+    # what the defaults resolved to is written out, so the command repeats the run if they change
+    for option in ("--preset digits", "--model vit_tiny_patch16_224", "--img-size 8", "--augment light",
+                   "--model-args patch_size=4,embed_dim=48,depth=1,num_heads=2,mlp_ratio=2"):
+        assert option in md, option
     assert (tmp_path / "curve.png").stat().st_size > 0
     for size in (16, 32):
         for loss in ("ce", "clce"):

@@ -121,11 +121,19 @@ def contrast_rows(loss: str, batch_size: int, world_size: int = 1) -> int:
     return 3 * rows if loss == "core" else rows
 
 
-def command_line(args) -> str:
+def command_line(args, config=None) -> str:
     """The ``fastcon curve`` command with every option written out, so the run can be repeated
-    even if a default changes later (output and display options left out)."""
+    even if a default changes later (output and display options left out). With ``config``
+    (:func:`~fastcon.harness.config.resolve`'s answer), the preset, model, model arguments,
+    input size and augmentation it resolved are written out too."""
+    values = dict(vars(args))
+    if config is not None:
+        resolved = {"preset": config.preset or "none", "model": config.model, "augment": config.augment,
+                    "model_args": ",".join(f"{k}={v}" for k, v in config.model_args.items()),
+                    "img_size": config.img_size}
+        values.update({k: v for k, v in resolved.items() if values.get(k) is None})
     words = ["fastcon", "curve"]
-    for key, value in vars(args).items():
+    for key, value in values.items():
         if key in ("func", "command", "out", "quiet", "workers") or value is None or value is False:
             continue
         words.append("--" + key.replace("_", "-"))
@@ -149,13 +157,13 @@ def run_curve(args) -> int:
     main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         batch_sizes = parse_batch_sizes(args.batch_sizes)
-        resolve(args)
+        config = resolve(args)
         num_train = len(load_dataset(args.dataset, seed=args.seed).train)
         schedule = plan(num_train, batch_sizes, args, world_size)
     except ValueError as exc:  # UsageError included
         return _fail(str(exc))
     root = args.out or _default_out("curve")
-    command = command_line(args)
+    command = command_line(args, config)
     runs = [(point, name) for point in schedule for name in losses]
     prepare_backend(resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0"))))
     bar = Progress(len(runs), "curve", enabled=main_rank and not args.quiet, unit="run")
