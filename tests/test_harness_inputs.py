@@ -145,6 +145,11 @@ def test_imagefolder_test_images_take_timms_evaluation_transform(tmp_path):
     batch = torch.stack([views, views])
     assert pipeline.training_views(batch, torch.Generator()).shape == (4, 3, 20, 20)
 
+    light = augment.Pipeline(data, RunConfig(**{**vars(config), "augment": "light"}))
+    image, _ = light.train[0]  # read a little larger, then randomly warped to the input size per batch
+    assert image.shape == (3, 23, 23) and light.test[0][0].shape == (3, 20, 20)
+    assert light.training_views(image[None], torch.Generator()).shape == (2, 3, 20, 20)
+
 
 # ----------------------------------------------------------------------------- SyncBatchNorm
 
