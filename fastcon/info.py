@@ -51,23 +51,22 @@ def collect() -> list:
                 ("python", sys.version.split()[0]), ("torch", torch.__version__), ("triton", _version("triton")),
                 ("timm", _version("timm"))]
     devices = [("cpu", _cpu_features())]
-    if torch.cuda.is_available():
+    gpu = torch.cuda.is_available()
+    if gpu:
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             devices.append((f"cuda:{i}", f"{p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB"))
+    elif torch.version.cuda:
+        devices.append(("cuda", f"no GPU visible (this torch is built for CUDA {torch.version.cuda})"))
     else:
-        devices.append(("cuda", "not available"))
+        devices.append(("cuda", "no GPU support in this torch build (CPU only)"))
     if os.environ.get("TRITON_INTERPRET") == "1":
         devices.append(("TRITON_INTERPRET", "1 (Triton kernels run on the CPU interpreter)"))
-    rows = []
-    for b in backends.REGISTRY.values():
-        why = b.unavailable_reason()
-        rows.append((b.name, f"{'available' if why is None else 'unavailable'} on {'/'.join(b.devices)}: "
-                             f"{b.summary}" + ("" if why is None else f" -- {why}")))
+    present = {"cpu"} | ({"cuda"} if gpu else set())
+    rows = [(b.name, _backend_status(b, present)) for b in backends.REGISTRY.values()]
     # the registry's rule for a CUDA tensor (it needs no GPU to answer)
     picks = [("auto on cpu", backends.auto("cpu").name),
-             ("auto on cuda", backends.auto("cuda").name + ("" if torch.cuda.is_available()
-                                                            else " (if a GPU were present)"))]
+             ("auto on cuda", backends.auto("cuda").name + ("" if gpu else " (what a GPU would run; none here)"))]
     where = native.location()
     native_rows = [("library", str(where) if where else f"none -- {native.import_error()}"),
                    ("sources", str(build.source_dir())), ("build cache", str(build.cache_root() / "native")),
@@ -79,6 +78,24 @@ def collect() -> list:
                 ("torch threads", str(torch.get_num_threads()))]
     return [("versions", versions), ("devices", devices), ("backends", rows), ("backend='auto' picks", picks),
             ("native CPU kernel", native_rows), ("settings", settings)]
+
+
+def _backend_status(backend, present: set) -> str:
+    """Whether ``backend`` can run here, and on which of its devices, without claiming a
+    device this machine does not have."""
+    from .backends import triton_interpreted
+
+    why = backend.unavailable_reason()
+    if why is not None:
+        return f"unavailable: {backend.summary} -- {why}"
+    if backend.name == "triton" and "cuda" not in present and triton_interpreted():
+        return f"ready on cpu through the Triton interpreter (TRITON_INTERPRET=1; slow): {backend.summary}"
+    here = [d for d in backend.devices if d in present]
+    elsewhere = [d for d in backend.devices if d not in present]
+    if not here:
+        return f"installed, not usable here (needs {'/'.join(elsewhere)}, none present): {backend.summary}"
+    return (f"ready on {'/'.join(here)}" + (f" (also {'/'.join(elsewhere)} where present)" if elsewhere else "")
+            + f": {backend.summary}")
 
 
 def format_info(sections) -> str:

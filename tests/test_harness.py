@@ -78,7 +78,7 @@ def _write_cifar(root, num_train=8, num_test=4, names=None, label_key=b"labels")
 
 def test_cifar10_pickles_load(tmp_path):
     _write_cifar(tmp_path / "cifar-10-batches-py")
-    data = load_dataset(f"cifar10={tmp_path}", img_size=16)
+    data = load_dataset(f"cifar10={tmp_path}")
     assert len(data.train) == 40 and len(data.test) == 4 and data.num_classes == 10
     image, label = data.train[0]
     assert image.shape == (3, 32, 32) and 0 <= image.min() and image.max() <= 1 and 0 <= label < 10
@@ -97,24 +97,24 @@ def test_dataset_spec_errors(tmp_path, spec, message):
     (tmp_path / "empty").mkdir()
     spec = spec.format(missing=tmp_path / "nope", empty=tmp_path / "empty")
     with pytest.raises(DatasetError, match=message):
-        load_dataset(spec, img_size=16)
+        load_dataset(spec)
 
 
 def test_cifar_malformed_files(tmp_path):
     _write_cifar(tmp_path / "garbage")
     (tmp_path / "garbage" / "data_batch_3").write_bytes(b"not a pickle at all")
     with pytest.raises(DatasetError, match="data_batch_3: not a CIFAR python-pickle batch"):
-        load_dataset(f"cifar10={tmp_path / 'garbage'}", img_size=16)
+        load_dataset(f"cifar10={tmp_path / 'garbage'}")
 
     _write_cifar(tmp_path / "keys", names=["train", "test"], label_key=b"labels")  # CIFAR-100 wants fine_labels
     with pytest.raises(DatasetError, match="fine_labels"):
-        load_dataset(f"cifar100={tmp_path / 'keys'}", img_size=16)
+        load_dataset(f"cifar100={tmp_path / 'keys'}")
 
     _write_cifar(tmp_path / "shape")
     with open(tmp_path / "shape" / "test_batch", "wb") as f:
         pickle.dump({b"data": np.zeros((4, 100), np.uint8), b"labels": [0, 1, 2, 3]}, f)
     with pytest.raises(DatasetError, match=r"shape \[N, 3072\]"):
-        load_dataset(f"cifar10={tmp_path / 'shape'}", img_size=16)
+        load_dataset(f"cifar10={tmp_path / 'shape'}")
 
 
 def _write_images(folder, classes, per_class=5):
@@ -129,28 +129,28 @@ def _write_images(folder, classes, per_class=5):
 
 def test_imagefolder_layouts_and_errors(tmp_path):
     _write_images(tmp_path / "flat", ["a", "b", "c"])
-    data = load_dataset(f"imagefolder={tmp_path / 'flat'}", img_size=16)
+    data = load_dataset(f"imagefolder={tmp_path / 'flat'}")
     assert (len(data.train), len(data.test), data.num_classes) == (12, 3, 3)
-    assert data.train[0][0].shape == (3, 18, 18)
+    assert data.files and data.train[0][0].size == (10, 12)  # the photo itself: views are cut from it
 
     _write_images(tmp_path / "split" / "train", ["a", "b"])
     _write_images(tmp_path / "split" / "val", ["a", "b"], per_class=2)
-    data = load_dataset(f"imagefolder={tmp_path / 'split'}", img_size=8)
+    data = load_dataset(f"imagefolder={tmp_path / 'split'}")
     assert (len(data.train), len(data.test)) == (10, 4)
 
     _write_images(tmp_path / "mismatch" / "train", ["a", "b"])
     _write_images(tmp_path / "mismatch" / "test", ["a", "c"])
     with pytest.raises(DatasetError, match="different class folders"):
-        load_dataset(f"imagefolder={tmp_path / 'mismatch'}", img_size=8)
+        load_dataset(f"imagefolder={tmp_path / 'mismatch'}")
 
     (tmp_path / "noimages" / "a").mkdir(parents=True)
     (tmp_path / "noimages" / "b").mkdir(parents=True)
     with pytest.raises(DatasetError, match="not in ImageFolder layout"):
-        load_dataset(f"imagefolder={tmp_path / 'noimages'}", img_size=8)
+        load_dataset(f"imagefolder={tmp_path / 'noimages'}")
 
     _write_images(tmp_path / "oneclass", ["a"])
     with pytest.raises(DatasetError, match="need 2"):
-        load_dataset(f"imagefolder={tmp_path / 'oneclass'}", img_size=8)
+        load_dataset(f"imagefolder={tmp_path / 'oneclass'}")
 
 
 def test_cli_reports_dataset_error(tmp_path, capsys):
@@ -177,13 +177,20 @@ def test_recipe_end_to_end(tmp_path, loss):
     assert all(np.isfinite(e["train_loss"]) for e in epochs)
 
     # the checkpoint gives back the same model: the same test predictions and accuracy
+    from fastcon.harness.augment import model_input
     from fastcon.harness.train import embed
 
-    data = load_dataset("digits", img_size=8)
+    data = load_dataset("digits")
     net = load_checkpoint(str(out))
-    _, logits, labels = embed(net, data.test, 8, torch.device("cpu"))
+    saved = json.loads((out / "model.json").read_text())
+    assert saved["img_size"] == 8 and saved["mean"] == saved["std"] == [0.5, 0.5, 0.5]
+
+    def prepare(images):
+        return model_input(images, saved["img_size"], mean=saved["mean"], std=saved["std"])
+
+    _, logits, labels = embed(net, data.test, prepare, torch.device("cpu"))
     assert (logits.argmax(1) == labels).float().mean().item() == final["test_top1"]
-    _, again, _ = embed(load_checkpoint(str(out)), data.test, 8, torch.device("cpu"))
+    _, again, _ = embed(load_checkpoint(str(out)), data.test, prepare, torch.device("cpu"))
     assert torch.equal(logits, again)
 
 
@@ -234,6 +241,10 @@ def test_curve_writes_one_row_per_loss_and_batch_size(tmp_path, capsys):
     assert md.startswith("| loss | batch |")
     assert len([line for line in md.splitlines() if line.startswith(("| ce |", "| clce |"))]) == 4
     assert "fastcon curve --batch-sizes 16,32 --losses ce,clce --match steps" in md
+    # what the defaults resolved to is written out, so the command repeats the run if they change
+    for option in ("--preset digits", "--model vit_tiny_patch16_224", "--img-size 8", "--augment light",
+                   "--model-args patch_size=4,embed_dim=48,depth=1,num_heads=2,mlp_ratio=2"):
+        assert option in md, option
     assert (tmp_path / "curve.png").stat().st_size > 0
     for size in (16, 32):
         for loss in ("ce", "clce"):
@@ -357,15 +368,16 @@ def test_torchrun_two_processes(tmp_path):
 
 
 def test_two_views_are_independent_augmentations():
-    from fastcon.harness.data import model_input
+    from fastcon.harness.augment import model_input
 
     images = torch.rand(4, 1, 8, 8)
     g = torch.Generator().manual_seed(0)
-    v1 = model_input(images, 16, augment=True, generator=g)
-    v2 = model_input(images, 16, augment=True, generator=g)
+    half = (0.5, 0.5, 0.5)
+    v1 = model_input(images, 16, mean=half, std=half, augment=True, generator=g)
+    v2 = model_input(images, 16, mean=half, std=half, augment=True, generator=g)
     assert v1.shape == v2.shape == (4, 3, 16, 16)
     assert not torch.allclose(v1, v2)
-    plain = model_input(images, 16)
+    plain = model_input(images, 16, mean=half, std=half)
     assert plain.shape == (4, 3, 16, 16) and -1 <= plain.min() and plain.max() <= 1
 
 
@@ -397,20 +409,22 @@ def test_chunked_first_step_equals_plain_step(loss):
 
     from torch.utils.data import DataLoader
 
-    from fastcon.harness.data import model_input
-    from fastcon.harness.models import parse_model_args
+    from fastcon.harness.augment import model_input
+    from fastcon.harness.config import resolve
     from fastcon.harness.recipes import make_recipe
     from fastcon.harness.train import make_step
 
     args = _finetune_args("--loss", loss)
+    config = resolve(args)
     torch.manual_seed(0)
-    data = load_dataset("digits", img_size=8)
-    net = build_network(args.model, parse_model_args(args.model_args, args.model), num_classes=10, img_size=8,
-                        proj_dim=16).double()
+    data = load_dataset("digits")
+    net = build_network(config.model, config.model_args, num_classes=10, img_size=8, proj_dim=16).double()
     recipe = make_recipe(args, num_classes=10)
     images, labels = next(iter(DataLoader(data.train, batch_size=13, shuffle=False)))
     g = torch.Generator().manual_seed(0)
-    views = torch.cat([model_input(images, 8, augment=True, generator=g) for _ in range(2)]).double()
+    half = (0.5, 0.5, 0.5)
+    views = torch.cat([model_input(images, 8, mean=half, std=half, augment=True, generator=g)
+                       for _ in range(2)]).double()
 
     params, losses, grads = {}, {}, {}
     for chunk in (None, 5, 26, 64):  # 26 rows in all: uneven chunks, one chunk, a chunk larger than the batch

@@ -35,7 +35,54 @@ def _out_of_memory(rows, **match) -> dict[str, int]:
     return out
 
 
-def _draw(ax, series, oom, ylabel, title):
+def format_mib(value: float, _position=None) -> str:
+    """A memory tick in MiB as people write it: ``640 MiB``, ``1.5 GiB``."""
+    if value <= 0:
+        return ""
+    if value >= 1024:
+        return f"{value / 1024:.3g} GiB"
+    return f"{value:.3g} MiB"
+
+
+def format_ms(value: float, _position=None) -> str:
+    """A time tick in milliseconds as people write it: ``0.5 ms``, ``20 ms``, ``1.5 s``."""
+    if value <= 0:
+        return ""
+    if value >= 1000:
+        return f"{value / 1000:.3g} s"
+    return f"{value:.3g} ms"
+
+
+def _memory_axis(axis) -> None:
+    """Ticks at powers of two (512 MiB, 1 GiB, 2 GiB ...) labelled with their unit, not
+    ``6.4x10^2``; on an axis spanning less than a factor of 4, quarter steps between them too."""
+    from matplotlib.ticker import Formatter, LogLocator
+
+    class Minor(Formatter):
+        def __call__(self, value, position=None):
+            low, high = sorted(self.axis.get_view_interval())
+            return format_mib(value) if low > 0 and high / low < 4 else ""
+
+    axis.set_major_locator(LogLocator(base=2))
+    axis.set_minor_locator(LogLocator(base=2, subs=(1.25, 1.5, 1.75)))
+    axis.set_major_formatter(format_mib)
+    axis.set_minor_formatter(Minor())
+
+
+def _time_axis(axis) -> None:
+    """Decades labelled with their unit (``10 ms``, ``1 s``), and the minor ticks matplotlib's log
+    formatter would label on a short axis."""
+    from matplotlib.ticker import LogFormatter
+
+    class Unit(LogFormatter):
+        def __call__(self, value, position=None):
+            return format_ms(value) if super().__call__(value, position) else ""
+
+    axis.set_major_formatter(Unit(labelOnlyBase=False))
+    axis.set_minor_formatter(Unit(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
+def _draw(ax, series, oom, ylabel, title, axis_style=_time_axis):
     for provider, points in series.items():
         ns = [p[0] for p in points]
         med = [p[1] for p in points]
@@ -46,6 +93,7 @@ def _draw(ax, series, oom, ylabel, title):
                     linestyle="none")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    axis_style(ax.yaxis)
     ax.set_xlabel("N (rows = anchors)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
@@ -72,14 +120,14 @@ def write_plots(csv_path: str, out_dir: str) -> list[str]:
             oom = _out_of_memory(rows, loss=loss, dtype=dtype, D=d)
             for j, mode in enumerate(MODES):
                 series = _series(rows, loss=loss, dtype=dtype, D=d, mode=mode, metric=TIME)
-                _draw(axes[i][j], series, oom, "time (ms), median and p20-p80", f"{loss} {mode}, D={d}, {dtype}")
+                _draw(axes[i][j], series, oom, "time, median and p20-p80", f"{loss} {mode}, D={d}, {dtype}")
         paths.append(_finish(fig, axes, f"{loss}: time per call", device, os.path.join(out_dir, f"time_{loss}_{dtype}.png")))
 
         fig, axes = plt.subplots(1, len(dims), figsize=(5 * len(dims), 4), squeeze=False)
         for i, d in enumerate(dims):
             oom = _out_of_memory(rows, loss=loss, dtype=dtype, D=d)
             series = _series(rows, loss=loss, dtype=dtype, D=d, mode="forward+backward", metric=MEMORY)
-            _draw(axes[0][i], series, oom, "peak memory (MiB)", f"{loss} forward+backward, D={d}, {dtype}")
+            _draw(axes[0][i], series, oom, "peak memory", f"{loss} forward+backward, D={d}, {dtype}", _memory_axis)
             if idle:
                 axes[0][i].axhline(idle[0], color="gray", linestyle="--", linewidth=1,
                                    label="idle process (torch imported)")

@@ -11,8 +11,8 @@ import argparse
 import os
 import time
 
+from .config import AUGMENT_HELP, AUGMENTS, PRESET_HELP, PRESETS
 from .data import DATASET_HELP
-from .models import DEFAULT_IMG_SIZE, DEFAULT_MODEL, DEFAULT_MODEL_ARGS
 from .recipes import LOSSES
 
 COMPARE_COLUMNS = ("loss", "test_top1", "alignment", "class_alignment", "uniformity", "isotropy",
@@ -27,17 +27,28 @@ VIEWS_NOTE = ("Contrastive recipes see two views of every image from two indepen
               "(the SCHaNe reference code feeds the same crop twice; fastcon does not).")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it says something: not ``None`` or a flag's ``False``, and
+    not where the help text already describes the default in words."""
+
+    def _get_help_string(self, action):
+        described = any(words in (action.help or "") for words in ("Default:", "(default "))
+        if action.default is None or action.default is False or described:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def register(subparsers) -> None:
     finetune = subparsers.add_parser(
         "finetune", help="fine-tune a timm model with one loss",
         description="Fine-tune a timm model with cross-entropy or a contrastive recipe. " + VIEWS_NOTE,
         epilog=TORCHRUN_NOTE,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     finetune.add_argument("--loss", choices=LOSSES, default="ce",
                           help="ce: cross-entropy; supcon: LaCViT (SupCon stage, then a linear classifier on "
                                "frozen features); schane: alpha*SCHaNe + (1-alpha)*CE; clce: the same through "
                                "CLCELoss; core: Core-tuning (hard-pair mixup, focal SupCon)")
-    _add_common(finetune)
+    _add_common(finetune, out_help="output directory (default runs/<timestamp>-<loss>)")
     finetune.set_defaults(func=run_finetune)
 
     compare = subparsers.add_parser(
@@ -45,39 +56,50 @@ def register(subparsers) -> None:
         description="Run each loss with the same data, seed and budget, then print one table and write it as "
                     "CSV and Markdown with a plot. " + VIEWS_NOTE,
         epilog=TORCHRUN_NOTE,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     compare.add_argument("--losses", default=",".join(LOSSES), help="comma-separated losses to compare")
-    _add_common(compare)
+    _add_common(compare, out_help="output directory: compare.csv, compare.md, compare.png and one folder per loss "
+                                  "(default runs/<timestamp>-compare)")
     compare.set_defaults(func=run_compare)
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, *, out_help: str) -> None:
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="any timm model name (created with pretrained=False)")
-    g.add_argument("--model-args", default=None,
-                   help="timm.create_model keyword arguments 'key=value,...'; default: "
-                        + ",".join(f"{k}={v}" for k, v in DEFAULT_MODEL_ARGS.items())
-                        + f" for {DEFAULT_MODEL} (a ViT small enough for a CPU), none for other models; "
-                          "'' keeps the registered architecture")
+    g.add_argument("--dataset", default="digits", metavar="SPEC", help=DATASET_HELP)
+    g.add_argument("--preset", choices=tuple(PRESETS) + ("none",), default=None, help=PRESET_HELP)
+    g.add_argument("--model", default=None,
+                   help="any timm model name, optionally with a pretrained tag whose normalisation to use "
+                        "(e.g. resnet50.a1_in1k); created with pretrained=False. Default: the preset's, else "
+                        "vit_tiny_patch16_224")
+    g.add_argument("--model-args", default=None, metavar="K=V,...",
+                   help="timm.create_model keyword arguments; '' keeps the registered architecture. Default: the "
+                        "preset's for its own model, else none")
     g.add_argument("--pretrained", default=None, metavar="PATH",
                    help="local timm checkpoint (.pth/.bin/.safetensors) to start from; keys that do not fit "
                         "(e.g. the old head) are dropped with a message. Nothing is downloaded.")
-    g.add_argument("--dataset", default="digits", metavar="SPEC", help=DATASET_HELP)
-    g.add_argument("--img-size", type=int, default=DEFAULT_IMG_SIZE, help="model input size (images are resized)")
+    g.add_argument("--img-size", type=int, default=None, metavar="PX",
+                   help="model input size in pixels (images are resized, ViTs built for it). Default: the "
+                        "preset's, else the model's own (timm's pretrained_cfg)")
+    g.add_argument("--augment", choices=AUGMENTS, default=None, help=AUGMENT_HELP)
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on CUDA: batch norm statistics over every process's rows (SyncBatchNorm)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument("--threads", type=int, default=1,
                    help="CPU threads per process (torch.set_num_threads; 0 keeps torch's default). One is "
-                        "fastest for the small default ViT, above all on a shared machine")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", default=None, help="output directory (default runs/<timestamp>-<loss>)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+                        "fastest for the digits preset's small ViT, above all on a shared machine")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial weights, the data order and the augmentations (the digits' "
+                        "train/test split is fixed)")
+    g.add_argument("--out", default=None, help=out_help)
+    g.add_argument("--quiet", action="store_true",
+                   help="no progress (progress is bars on a terminal, else one line per epoch)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=25)
+    g.add_argument("--epochs", type=int, default=25, help="training epochs (supcon: of its contrastive stage)")
     g.add_argument("--batch-size", type=int, default=64, help="images per step (per process); each gives 2 views")
     g.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (warm-up, then cosine)")
-    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     g.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps spent warming up")
     g.add_argument("--eval-every", type=int, default=5, help="epochs between test evaluations")
     g.add_argument("--chunk-size", type=_positive_int, default=None, metavar="ROWS",
@@ -138,7 +160,7 @@ def _end_distributed() -> None:
 
 
 def run_finetune(args) -> int:
-    from .data import DatasetError
+    from .config import UsageError
     from .train import finetune
 
     if (message := _unchunkable(args, [args.loss])) is not None:
@@ -146,7 +168,7 @@ def run_finetune(args) -> int:
     args.out = args.out or _default_out(args.loss)
     try:
         finetune(args)
-    except (DatasetError, FileNotFoundError) as exc:
+    except (UsageError, FileNotFoundError) as exc:
         return _fail(str(exc))
     finally:
         _end_distributed()
@@ -154,7 +176,7 @@ def run_finetune(args) -> int:
 
 
 def run_compare(args) -> int:
-    from .data import DatasetError
+    from .config import UsageError
     from .train import finetune
 
     losses = [name.strip() for name in args.losses.split(",") if name.strip()]
@@ -170,7 +192,7 @@ def run_compare(args) -> int:
         for name in losses:
             run_args = argparse.Namespace(**{**vars(args), "loss": name, "out": os.path.join(root, name)})
             rows.append(finetune(run_args))
-    except (DatasetError, FileNotFoundError) as exc:
+    except (UsageError, FileNotFoundError) as exc:
         return _fail(str(exc))
     finally:
         _end_distributed()
@@ -205,7 +227,7 @@ def write_comparison(rows: list, root: str, *, total_seconds: float) -> str:
         writer.writerows(rows)
     table = format_table(rows)
     first = rows[0]
-    note = (f"{first['model']} on {first['dataset']}, {first['epochs']} epochs, world size {first['world_size']}; "
+    note = (f"{first['model_config']}; {first['dataset']}, {first['epochs']} epochs, world size {first['world_size']}; "
             f"total {total_seconds / 60:.1f} min. Peak RSS is the process's peak so far (runs share one process).")
     with open(os.path.join(root, "compare.md"), "w") as f:
         f.write(table + "\n\n" + note + "\n")

@@ -43,7 +43,7 @@ MATCH_HELP = (
 
 
 def register(subparsers) -> None:
-    from .cli import VIEWS_NOTE, _add_common
+    from .cli import VIEWS_NOTE, HelpFormatter, _add_common
 
     curve = subparsers.add_parser(
         "curve", help="train every loss at several batch sizes; table and plot against batch size",
@@ -51,7 +51,7 @@ def register(subparsers) -> None:
                     "then write curve.csv, curve.md (with the command) and curve.png (test top-1, alignment and "
                     "uniformity against batch size, log2 axis). " + VIEWS_NOTE,
         epilog="Per-run outputs (metrics.jsonl, final.json, checkpoints, plots) go to OUT/bs<B>/<loss>/.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     curve.add_argument("--batch-sizes", default="32,64,128,256",
                        help="comma-separated batch sizes (images per step per process; each gives 2 views)")
     curve.add_argument("--losses", default=",".join(DEFAULT_LOSSES),
@@ -61,13 +61,12 @@ def register(subparsers) -> None:
     curve.add_argument("--lr-scale", choices=("none", "sqrt", "linear"), default="none",
                        help="learning rate at batch size B: --lr times (B / --batch-size) to the power 0, 1/2 "
                             "or 1")
-    _add_common(curve)
+    _add_common(curve, out_help="output directory: curve.csv, curve.md, curve.png and bs<B>/<loss>/ per run "
+                                "(default runs/<timestamp>-curve)")
     for action in curve._actions:
         if action.dest == "batch_size":
             action.help = ("reference batch size: with --match steps the step budget is --epochs epochs at this "
                            "batch size; --lr-scale scales the learning rate relative to it")
-        elif action.dest == "out":
-            action.help = "output directory (default runs/<timestamp>-curve)"
     curve.set_defaults(func=run_curve)
 
 
@@ -122,11 +121,19 @@ def contrast_rows(loss: str, batch_size: int, world_size: int = 1) -> int:
     return 3 * rows if loss == "core" else rows
 
 
-def command_line(args) -> str:
+def command_line(args, config=None) -> str:
     """The ``fastcon curve`` command with every option written out, so the run can be repeated
-    even if a default changes later (output and display options left out)."""
+    even if a default changes later (output and display options left out). With ``config``
+    (:func:`~fastcon.harness.config.resolve`'s answer), the preset, model, model arguments,
+    input size and augmentation it resolved are written out too."""
+    values = dict(vars(args))
+    if config is not None:
+        resolved = {"preset": config.preset or "none", "model": config.model, "augment": config.augment,
+                    "model_args": ",".join(f"{k}={v}" for k, v in config.model_args.items()),
+                    "img_size": config.img_size}
+        values.update({k: v for k, v in resolved.items() if values.get(k) is None})
     words = ["fastcon", "curve"]
-    for key, value in vars(args).items():
+    for key, value in values.items():
         if key in ("func", "command", "out", "quiet", "workers") or value is None or value is False:
             continue
         words.append("--" + key.replace("_", "-"))
@@ -137,8 +144,10 @@ def command_line(args) -> str:
 
 def run_curve(args) -> int:
     from .cli import _default_out, _end_distributed, _fail
-    from .data import DatasetError, load_dataset
-    from .train import finetune
+    from .config import UsageError, resolve
+    from .data import load_dataset
+    from .progress import Progress
+    from .train import finetune, prepare_backend, resolve_device
 
     losses = [name.strip() for name in args.losses.split(",") if name.strip()]
     unknown = [name for name in losses if name not in LOSSES]
@@ -148,28 +157,29 @@ def run_curve(args) -> int:
     main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         batch_sizes = parse_batch_sizes(args.batch_sizes)
-        num_train = len(load_dataset(args.dataset, img_size=args.img_size, seed=args.seed).train)
+        config = resolve(args)
+        num_train = len(load_dataset(args.dataset, seed=args.seed).train)
         schedule = plan(num_train, batch_sizes, args, world_size)
-    except (DatasetError, ValueError) as exc:
+    except ValueError as exc:  # UsageError included
         return _fail(str(exc))
     root = args.out or _default_out("curve")
-    command = command_line(args)
-    from tqdm.auto import tqdm
-
+    command = command_line(args, config)
     runs = [(point, name) for point in schedule for name in losses]
-    bar = tqdm(total=len(runs), desc="curve", disable=not main_rank or args.quiet, dynamic_ncols=True)
+    prepare_backend(resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0"))))
+    bar = Progress(len(runs), "curve", enabled=main_rank and not args.quiet, unit="run")
     rows = []
     started = time.time()
     try:
-        for point, name in runs:
-            bar.set_postfix(batch=point["batch_size"], loss=name)
+        for i, (point, name) in enumerate(runs):
+            bar.update(0, batch=point["batch_size"], loss=name)
+            bar.line(f"run {i + 1}/{len(runs)}: {name} at batch size {point['batch_size']}")
             run_args = argparse.Namespace(**{
                 **vars(args), "loss": name, "batch_size": point["batch_size"], "epochs": point["epochs"],
                 "lr": point["lr"], "out": os.path.join(root, f"bs{point['batch_size']}", name)})
             final = finetune(run_args)
             rows.append({**final, **point, "contrast_rows": contrast_rows(name, point["batch_size"], world_size)})
             bar.update(1)
-    except (DatasetError, FileNotFoundError) as exc:
+    except (UsageError, FileNotFoundError) as exc:
         return _fail(str(exc))
     finally:
         bar.close()
@@ -210,8 +220,8 @@ def write_curve(rows: list, root: str, *, args, command: str, total_seconds: flo
     budget = ("the same number of steps at every batch size (--epochs epochs at --batch-size "
               f"{args.batch_size}, rounded up to whole epochs)" if args.match == "steps"
               else f"{args.epochs} epochs at every batch size")
-    note = (f"{first['model']} on {first['dataset']}, world size {first['world_size']}, seed {args.seed}; budget: "
-            f"{budget}; learning rate scaling: {args.lr_scale}. 'vs CE' is the top-1 difference to CE at the same "
+    note = (f"{first['model_config']}; {first['dataset']}, world size {first['world_size']}, seed {args.seed}; "
+            f"budget: {budget}; learning rate scaling: {args.lr_scale}. 'vs CE' is the top-1 difference to CE at the same "
             f"batch size, in percentage points. Total {total_seconds / 60:.1f} min.\n\n"
             f"Command:\n\n```\n{command}\n```")
     with open(os.path.join(root, "curve.md"), "w") as f:

@@ -1,25 +1,22 @@
-"""Data sets and the augmentation that makes two views of every image.
+"""Data sets: scikit-learn's digits (bundled), ImageFolder directories, CIFAR pickles.
 
-Every data set yields ``(image, label)`` with ``image`` a float tensor ``[C, H, W]`` in
-``[0, 1]``; resizing to the model's input size, the random augmentation and the
-normalisation happen on whole batches (:func:`model_input`), so the same code serves
-8 x 8 digits, 32 x 32 CIFAR and full-size ImageFolder photos.
-
-The two views of a contrastive step come from two *independent* random augmentations of
-the same image. (The SCHaNe reference code feeds the same crop twice; fastcon does not.)
+In-memory data sets (digits, CIFAR) yield ``(image, label)`` with ``image`` a float tensor
+``[C, H, W]`` in ``[0, 1]``; an ImageFolder yields PIL images, so that the training views are
+cut from the full-size photo. How images become model inputs (augmentation, resizing,
+normalisation) is :mod:`.augment`'s business.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 from dataclasses import dataclass
 
 import numpy
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from .config import UsageError
 
 DATASET_HELP = (
     "'digits' (scikit-learn's bundled 8x8 handwritten digits, no download), 'imagefolder=DIR' "
@@ -29,7 +26,7 @@ DATASET_HELP = (
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError):
     """A data set argument that does not name usable data; the message says what was expected."""
 
 
@@ -40,6 +37,7 @@ class ImageData:
     num_classes: int
     name: str
     hflip: bool  # whether a horizontal flip preserves the label (not for digits)
+    files: bool = False  # items are PIL images read from files (ImageFolder), not tensors
 
 
 class TensorImages(Dataset):
@@ -60,7 +58,7 @@ class TensorImages(Dataset):
         return image, int(self.labels[index])
 
 
-def load_dataset(spec: str, *, img_size: int, seed: int = 0) -> ImageData:
+def load_dataset(spec: str, *, seed: int = 0) -> ImageData:
     """The data set named by ``spec`` (see ``DATASET_HELP``)."""
     kind, _, path = spec.partition("=")
     kind = kind.strip().lower()
@@ -74,7 +72,7 @@ def load_dataset(spec: str, *, img_size: int, seed: int = 0) -> ImageData:
         if not os.path.isdir(path):
             raise DatasetError(f"--dataset {kind}={path}: no such directory")
         if kind == "imagefolder":
-            return load_imagefolder(path, img_size=img_size, seed=seed)
+            return load_imagefolder(path, seed=seed)
         return load_cifar(path, num_classes=10 if kind == "cifar10" else 100)
     raise DatasetError(f"unknown --dataset {spec!r}; expected {DATASET_HELP.replace('%%', '%')}")
 
@@ -146,17 +144,12 @@ def load_cifar(root: str, *, num_classes: int) -> ImageData:
     return ImageData(train, test, num_classes=num_classes, name=f"cifar{num_classes}", hflip=True)
 
 
-def load_imagefolder(root: str, *, img_size: int, seed: int) -> ImageData:
-    from torchvision import datasets, transforms
-
-    # Photos are resized once when read, to a little more than the input size, so that
-    # batches stack; the random affine augmentation then works on the batch.
-    load_size = max(img_size, int(round(img_size * 1.15)))
-    transform = transforms.Compose([transforms.Resize((load_size, load_size)), transforms.ToTensor()])
+def load_imagefolder(root: str, *, seed: int) -> ImageData:
+    from torchvision import datasets
 
     def folder(path):
         try:
-            ds = datasets.ImageFolder(path, transform=transform, loader=_rgb_loader)
+            ds = datasets.ImageFolder(path, loader=_rgb_loader)
         except (FileNotFoundError, RuntimeError) as exc:
             raise DatasetError(
                 f"--dataset imagefolder={root}: {path} is not in ImageFolder layout "
@@ -174,7 +167,8 @@ def load_imagefolder(root: str, *, img_size: int, seed: int) -> ImageData:
                 f"--dataset imagefolder={root}: train and {os.path.basename(test_dir)} have different "
                 f"class folders ({train.classes} vs {test.classes})"
             )
-        return ImageData(train, test, num_classes=len(train.classes), name=f"imagefolder:{root}", hflip=True)
+        return ImageData(train, test, num_classes=len(train.classes), name=f"imagefolder:{root}", hflip=True,
+                         files=True)
     full = folder(root)
     targets = torch.tensor(full.targets)
     generator = torch.Generator().manual_seed(seed)
@@ -192,7 +186,7 @@ def load_imagefolder(root: str, *, img_size: int, seed: int) -> ImageData:
     test = Subset(full, torch.nonzero(is_test).flatten().tolist())
     if len(test) == 0:
         raise DatasetError(f"--dataset imagefolder={root}: too few images to hold out a test split")
-    return ImageData(train, test, num_classes=len(full.classes), name=f"imagefolder:{root}", hflip=True)
+    return ImageData(train, test, num_classes=len(full.classes), name=f"imagefolder:{root}", hflip=True, files=True)
 
 
 def _rgb_loader(path: str):
@@ -200,43 +194,3 @@ def _rgb_loader(path: str):
 
     with open(path, "rb") as f:
         return Image.open(f).convert("RGB")
-
-
-# ----------------------------------------------------------------------------- batches
-
-def model_input(images: torch.Tensor, img_size: int, *, augment: bool = False, hflip: bool = False,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """A batch in [0, 1] -> the model's input: 3 channels, ``img_size`` square, normalised to
-    [-1, 1], randomly augmented (independently per image) when ``augment``."""
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    if augment:
-        images = random_affine(images, img_size, hflip=hflip, generator=generator)
-    elif images.shape[-2:] != (img_size, img_size):
-        images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False,
-                               antialias=images.shape[-1] > img_size)
-    return (images - 0.5) / 0.5
-
-
-def random_affine(images: torch.Tensor, img_size: int, *, hflip: bool, generator=None,
-                  degrees: float = 10.0, scale: float = 0.1, translate: float = 0.12) -> torch.Tensor:
-    """One random rotation, scaling, translation (and flip when ``hflip``) per image, resampled
-    straight to ``img_size`` with one ``grid_sample`` (so upsampling costs nothing extra)."""
-    n, device = images.shape[0], images.device
-
-    def uniform(*shape):
-        return torch.rand(*shape, generator=generator).to(device) * 2 - 1
-
-    angle = uniform(n) * math.radians(degrees)
-    zoom = 1 + uniform(n) * scale
-    shift = uniform(2, n) * translate
-    flip = torch.ones(n, device=device)
-    if hflip:
-        flip = torch.where(torch.rand(n, generator=generator).to(device) < 0.5, -flip, flip)
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([
-        torch.stack([cos * flip, -sin, shift[0]], 1),
-        torch.stack([sin * flip, cos, shift[1]], 1),
-    ], 1).to(images.dtype)
-    grid = F.affine_grid(theta, [n, images.shape[1], img_size, img_size], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)

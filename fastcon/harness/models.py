@@ -15,11 +15,7 @@ import os
 import torch
 from torch import nn
 
-# The default: timm's ViT built small enough to train from scratch on a 2-core CPU
-# in about a minute per loss on the 8x8 digits upsampled to 16x16 (16 patches of 4x4).
-DEFAULT_MODEL = "vit_tiny_patch16_224"
-DEFAULT_MODEL_ARGS = {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0}
-DEFAULT_IMG_SIZE = 16
+from .config import UsageError
 
 
 class Network(nn.Module):
@@ -41,42 +37,38 @@ class Network(nn.Module):
         return features, self.classifier(features)
 
 
-def parse_model_args(text: str | None, model: str) -> dict:
-    """``"k=v,k=v"`` -> kwargs for ``timm.create_model``; ``None`` -> the default model's."""
-    if text is None:
-        return dict(DEFAULT_MODEL_ARGS) if model == DEFAULT_MODEL else {}
-    args = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--model-args: expected key=value, got {item!r}")
-        try:
-            args[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            args[key.strip()] = value.strip()
-    return args
-
-
-def build_network(model: str, model_args: dict, *, num_classes: int, img_size: int, proj_dim: int,
+def build_network(model: str, model_args: dict, *, num_classes: int, img_size: int | None, proj_dim: int,
                   pretrained: str | None = None, log=print) -> Network:
+    """The timm backbone ``model`` (``pretrained=False``) with the two heads. ``img_size`` is
+    passed to models that take it (ViTs); ``None`` keeps the model's own. A name timm does not
+    know or a keyword the model does not take raises :class:`UsageError`."""
     import timm
 
     kwargs = dict(model_args)
-    kwargs.setdefault("img_size", img_size)
+    if img_size is not None:
+        kwargs.setdefault("img_size", img_size)
     try:
-        backbone = timm.create_model(model, pretrained=False, num_classes=0, **kwargs)
+        try:
+            backbone = timm.create_model(model, pretrained=False, num_classes=0, **kwargs)
+        except TypeError as exc:
+            if "img_size" not in str(exc) or "img_size" in model_args:
+                raise
+            kwargs.pop("img_size")  # a convolutional model: any input size works
+            backbone = timm.create_model(model, pretrained=False, num_classes=0, **kwargs)
     except TypeError as exc:
-        if "img_size" not in str(exc) or "img_size" in model_args:
-            raise
-        kwargs.pop("img_size")  # a convolutional model: any input size works
-        backbone = timm.create_model(model, pretrained=False, num_classes=0, **kwargs)
+        raise UsageError(f"--model-args {_format_args(model_args)}: {model} does not take them ({exc})") from exc
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
-            raise ValueError(f"--model {model!r} is not a timm model name (see timm.list_models())") from exc
+            raise UsageError(f"--model {model!r} is not a timm model name (timm.list_models('*vit*') lists some)") \
+                from exc
         raise
     if pretrained:
         load_pretrained(backbone, pretrained, log=log)
     return Network(backbone, backbone.num_features, num_classes, proj_dim)
+
+
+def _format_args(model_args: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in model_args.items()) or "''"
 
 
 def read_state_dict(path: str) -> dict:
@@ -92,7 +84,7 @@ def read_state_dict(path: str) -> dict:
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]
     if not isinstance(state, dict):
-        raise ValueError(f"--pretrained {path}: expected a state dict, got {type(state).__name__}")
+        raise UsageError(f"--pretrained {path}: expected a state dict, got {type(state).__name__}")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
