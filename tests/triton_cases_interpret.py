@@ -380,3 +380,22 @@ def test_no_host_synchronisation_in_forward_or_backward():
                 _, _, stats = engine.rows(prep, definition)
                 engine.rows_backward(prep, definition, stats, torch.ones(anchors), True, need_r)
             assert not rec.bad, (definition.name, rec.bad)
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_extreme_labels_and_unlabelled_bank(kind):
+    """Labels are compared, never used in arithmetic (int64 extremes), and unlabelled bank rows
+    are negatives of every anchor: the same numbers as small labels give."""
+    fn = {"supcon": FC.supcon_loss, "schane": FC.schane_loss, "focal": FC.focal_supcon_loss}[kind]
+    big, small = torch.iinfo(torch.int64).max, torch.iinfo(torch.int64).min
+    torch.manual_seed(0)
+    x = torch.randn(9, 2, 11)
+    ref = torch.randn(7, 11)
+    out = []
+    for labels in (torch.tensor([big, small, big, 3, small, big, 3, 3, small]), torch.tensor([2, 0, 2, 1, 0, 2, 1, 1, 0])):
+        f = x.clone().requires_grad_(True)
+        loss = fn(f, labels, ref_features=ref, backend="triton", reduction="none")
+        loss.sum().backward()
+        out.append((loss.detach(), f.grad))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-5, atol=1e-6)
