@@ -259,21 +259,21 @@ def _check_mismatch(what, rank, world):
 def _check_engine_dtype(rank, world):
     """Under gather=True the registry builds the engine for the input's dtype (bfloat16 users
     keep half-precision tensor-core products on the Triton backend)."""
-    from fastcon.backends import REGISTRY, ops
+    from fastcon.backends import REGISTRY, Backend
 
     built = []
-    original = ops._engine
+    original = Backend.engine
 
-    def recording(backend, dtype):
-        built.append((backend, dtype))
-        return original(backend, dtype)
+    def recording(self, dtype):
+        built.append((self.name, dtype))
+        return original(self, dtype)
 
-    ops._engine = recording
+    Backend.engine = recording
     try:
         x = torch.randn(3, 2, 8, dtype=torch.bfloat16, requires_grad=True)
         FC.supcon_loss(x, torch.tensor([0, 1, 0]), gather=True, backend="blockwise").backward()
     finally:
-        ops._engine = original
+        Backend.engine = original
     assert built and all(b == ("blockwise", torch.bfloat16) for b in built), built
     assert REGISTRY["triton"].engine(torch.bfloat16).dot_dtype == torch.bfloat16
 

@@ -290,9 +290,9 @@ def test_tile_stats_equal_the_definition(definition, kernels_really_run):
 
 
 def test_every_launch_is_made_under_the_tensors_device(monkeypatch):
-    """Every kernel launch (row preparation, statistics, gradient) happens inside the device
-    guard the engine opens from the features' tensor."""
-    from fastcon.backends.triton import tiles
+    """Every kernel launch (row preparation, statistics, finalize, gradient, split epilogue)
+    happens inside the device guard the engine opens from the features' tensor."""
+    from fastcon.backends.triton import rows
 
     current = []
     launches = []
@@ -319,7 +319,8 @@ def test_every_launch_is_made_under_the_tensors_device(monkeypatch):
 
     original_kernel = launch.kernel
     monkeypatch.setattr(triton_engine, "_device", Guard)
-    monkeypatch.setattr(tiles, "prep_rows_kernel", Recording("prep", tiles.prep_rows_kernel))
+    for name in ("prep_side", "finalize", "store"):
+        monkeypatch.setattr(rows, f"{name}_kernel", Recording(name, getattr(rows, f"{name}_kernel")))
     monkeypatch.setattr(launch, "kernel", lambda name, *a, **k: Recording(name, original_kernel(name, *a, **k)))
     x = torch.randn(7, 2, 11, requires_grad=True)
     y = torch.tensor([0, 1, 0, 2, 1, 1, 3])
@@ -327,7 +328,9 @@ def test_every_launch_is_made_under_the_tensors_device(monkeypatch):
     for kw in ({}, {"reduction": "none"}, {"contrast_mode": "one"}, {"ref_features": queue, "ref_labels": queue_y}):
         FC.supcon_loss(x, y, backend="triton", **kw).sum().backward()
     FC.focal_supcon_loss(x, y, backend="triton").backward()
-    assert {name for name, _ in launches} == {"prep", "stats", "grad"}
+    monkeypatch.setenv("FASTCON_TRITON_SPLITS", "2")  # the split epilogue too
+    FC.supcon_loss(x, y, backend="triton").backward()
+    assert {name for name, _ in launches} == {"prep_side", "stats", "finalize", "grad", "store"}
     assert all(device == x.device for _, device in launches), launches
 
 
@@ -392,7 +395,8 @@ def test_extreme_labels_and_unlabelled_bank(kind):
     x = torch.randn(9, 2, 11)
     ref = torch.randn(7, 11)
     out = []
-    for labels in (torch.tensor([big, small, big, 3, small, big, 3, 3, small]), torch.tensor([2, 0, 2, 1, 0, 2, 1, 1, 0])):
+    extreme = torch.tensor([big, small, big, 3, small, big, 3, 3, small])
+    for labels in (extreme, torch.tensor([2, 0, 2, 1, 0, 2, 1, 1, 0])):
         f = x.clone().requires_grad_(True)
         loss = fn(f, labels, ref_features=ref, backend="triton", reduction="none")
         loss.sum().backward()

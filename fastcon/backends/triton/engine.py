@@ -1,20 +1,27 @@
 """Triton backend (host side): the engine of :mod:`fastcon.backends.common` on the kernels.
 
-Single-device path. One kernel normalises the user's rows (float32 math), casts them to the
-dot dtype (the user's bfloat16 / float16, else float32), pads D to a multiple of 16 and
-writes them sorted by class (``x [K, DP]``: the only copy of the features). The statistics
-kernel writes O(N) float32 numbers; the loss definition finalises them on the host; the
-gradient kernel applies the normalisation's backward and stores the gradient in the user's
-dtype and layout. Every row an anchor: one gradient sweep ``(G + G^T) x / t``. Otherwise
-(``contrast_mode="one"``, extra contrast rows) an anchor-side sweep (float32 ``[A, DP]``)
-and a contrast-side sweep that adds it. The coefficients of the gradient are divided by
-their largest magnitude before the half-precision products (and multiplied back in float32
-after), so large upstream weights (GradScaler) cannot overflow a float16 ``G``.
+Single-device path, a handful of launches and no PyTorch operator per row: the labels are
+sorted once per side (``torch.sort``, the only PyTorch kernel of the forward pass besides the
+label concatenation of a labelled memory bank); one preparation kernel per side normalises the
+user's rows (float32 math), casts them to the dot dtype (the user's bfloat16 / float16, else
+float32), pads D to a multiple of 16, writes them sorted by class and finds each row's class
+range by binary search (:mod:`.rows`); the statistics kernel writes O(N) float32 partial
+statistics per column split; one finalize kernel merges the splits and turns them into the
+loss (and, for ``"mean"`` / ``"sum"``, the gradient parameters, the reduction and the scale
+of the gradient); the gradient kernel applies the normalisation's backward and stores the
+gradient in the user's dtype and layout (a split sweep through :func:`.rows.store_kernel`).
+Every row an anchor: one gradient sweep ``(G + G^T) x / t``. Otherwise (``contrast_mode="one"``,
+extra contrast rows) an anchor-side sweep (float32 partials) and a contrast-side sweep that
+adds them. For float16 products the coefficients of the gradient are divided by their largest
+magnitude (and multiplied back in float32 after), so large upstream weights (GradScaler)
+cannot overflow a float16 ``G``. ``reduction="none"`` keeps the prepared sides for the
+backward pass, which is one finalize launch and the gradient sweep.
 
 Precision: float32 rows are multiplied exactly (no TF32). Half-precision rows use tensor
 cores with float32 accumulation and float32 softmax math. float64 runs on the blockwise
-engine (the registry builds it). No ``torch.unique`` and no ``.item()``: nothing here waits
-for the GPU. Kernels launch under the tensors' device.
+engine (the registry builds it). No ``torch.unique``, no ``.item()``, no allocation whose size
+depends on the data: nothing here waits for the GPU, so a forward+backward can be captured in a
+CUDA graph. Kernels launch under the tensors' device.
 """
 
 from __future__ import annotations

@@ -189,8 +189,7 @@ def finalize_kernel(part_ptr, splits, n, lo_ptr, hi_ptr, num_contrast, grad_rows
             if NUM_DENSE == 2:
                 tl.store(stats_ptr + n + idx, d1, mask=ok)
             tl.store(stats_ptr + NUM_DENSE * n + idx, p0, mask=ok)
-            if NUM_POSITIVE == 2:
-                tl.store(stats_ptr + (NUM_DENSE + 1) * n + idx, p1, mask=ok)
+            tl.store(stats_ptr + (NUM_DENSE + 1) * n + idx, p1 if NUM_POSITIVE == 2 else p1 * 0.0, mask=ok)
         if WITH_PARAMS:
             tl.store(params_ptr + idx, q0, mask=ok)
             tl.store(params_ptr + n + idx, q1, mask=ok)

@@ -306,7 +306,7 @@ def stats_partials(anchors: Side, contrast: Side, definition, num_contrast: int)
 # the weight-proportional parameters are divided by their largest magnitude over this target.
 # bfloat16 and float32 have float32's range: their coefficients are not rescaled.
 _COEF_TARGET = {torch.float16: 2.0 ** 11}
-_FINALIZE_BLOCK = 1024
+_FINALIZE_BLOCK = 2048
 
 
 def finalize(part, splits, anchors: Side, definition, mode, *, num_contrast, mean=False, with_params=False,
@@ -332,7 +332,7 @@ def finalize(part, splits, anchors: Side, definition, mode, *, num_contrast, mea
         LOSS=definition.kernel_id, MODE=mode, MEAN=bool(mean), WITH_PARAMS=with_params,
         NUM_DENSE=len(definition.dense_slots), NUM_POSITIVE=len(definition.positive_slots), DENSE_SUMS=dense_sums,
         NUM_PARAMS=len(definition.param_slots), WEIGHT_PARAMS=weights, SCALE_COEFS=target is not None,
-        BETA_ZERO=k["beta"] == 0.0, BLOCK=_FINALIZE_BLOCK, num_warps=4)
+        BETA_ZERO=k["beta"] == 0.0, BLOCK=_FINALIZE_BLOCK, num_warps=8)
     return params, scale
 
 
