@@ -69,7 +69,8 @@ class SupConLoss(nn.Module):
         return """
 @inproceedings{khosla2020supervised,
     title={Supervised Contrastive Learning},
-    author={Khosla, Prannay and Teterwak, Piotr and Wang, Chen and Sarna, Aaron and Tian, Yonglong and Isola, Phillip and Maschinot, Aaron and Liu, Ce and Krishnan, Dilip},
+    author={Khosla, Prannay and Teterwak, Piotr and Wang, Chen and Sarna, Aaron and Tian, Yonglong and
+            Isola, Phillip and Maschinot, Aaron and Liu, Ce and Krishnan, Dilip},
     booktitle={Advances in Neural Information Processing Systems},
     year={2020}
 }
