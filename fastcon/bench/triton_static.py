@@ -64,10 +64,13 @@ def launch_values(kernel, loss, dtype, d, config):
     x, feat = torch.empty(16, dp, dtype=dot), torch.empty(16, d, dtype=user)
     i32, i64, f32 = (torch.empty(16, dtype=t) for t in (torch.int32, torch.int64, torch.float32))
     n, key = N_MODEL, launch.size_key(N_MODEL, N_MODEL)
-    if kernel == "prep_rows":  # features [N/2, 2 views, D], contiguous; no ref rows
-        return dict(feat_ptr=feat, ref_ptr=feat, order_ptr=i64, x_ptr=x, inv_ptr=f32, K=n, M=n, B=n // 2, D=d,
-                    stride_b=2 * d, stride_v=d, stride_d=1, stride_r=0, stride_rd=0, NORMALIZE=True,
-                    HAS_REF=False, BLOCK_R=16, DP=dp, BLOCK_DP=dp)
+    if kernel == "prep_rows":  # features [N/2, 2 views, D], contiguous; no ref rows; every row an anchor
+        return dict(feat_ptr=feat, ref_ptr=feat, order_ptr=i64, y_ptr=i64, n_labelled=n, cls_y_ptr=i64, n_cls=n,
+                    range_y_ptr=i64, n_range=n, steps=n.bit_length() + 1, x_ptr=x, inv_ptr=f32, cls_ptr=i32,
+                    lo_ptr=i32, hi_ptr=i32, where_ptr=i32, self_where_ptr=i32, pos_ptr=i32, other_pos_ptr=i32,
+                    out_off_ptr=i64, ref_off_ptr=i64, n=n, M=n, B=n // 2, D=d, stride_b=2 * d, stride_v=d,
+                    stride_d=1, stride_r=0, stride_rd=0, NORMALIZE=True, HAS_REF=False, WRITE_WHERE=False,
+                    INIT_POS=False, SELF_FROM=False, OFFSETS=True, BLOCK_R=launch.PREP_BLOCK_R, DP=dp, BLOCK_DP=dp)
     definition = DEFINITIONS[loss]()
     k = definition.kernel_scalars()
     bm, bn, _, _ = config
@@ -123,7 +126,7 @@ def compile_kernel(fn, values, arch, warps, stages):
 
 def analyse(job):
     """One CSV row: compile ``job = (kernel, loss, dtype, arch, d, config, shipped)`` and read it."""
-    from ..backends.triton import kernels, launch, tiles
+    from ..backends.triton import kernels, launch, rows
 
     kernel, loss, dtype, arch, d, config, shipped = job
     row = dict(loss=loss, kernel=kernel, dtype=dtype, arch=arch, D=d, shipped=shipped, note="")
@@ -131,9 +134,9 @@ def analyse(job):
         row.update(config="-", note=f"fallback: DP={launch.padded_dim(d)} > {launch.MAX_DP}, the blockwise "
                                     "engine runs it (no Triton kernel)")
         return row
-    fn = tiles.prep_rows_kernel if kernel == "prep_rows" else getattr(kernels, f"{kernel}_kernel")
-    bm, bn, warps, stages = config if config else (16, 0, 4, 3)  # prep: BLOCK_R=16, Triton's defaults
-    row["config"] = f"{bm}x{bn} w{warps} s{stages}" if config else f"BLOCK_R=16 w{warps} s{stages}"
+    fn = rows.prep_side_kernel if kernel == "prep_rows" else getattr(kernels, f"{kernel}_kernel")
+    bm, bn, warps, stages = config if config else (16, 0, launch.PREP_WARPS, 3)  # prep: Triton's default stages
+    row["config"] = f"{bm}x{bn} w{warps} s{stages}" if config else f"BLOCK_R={launch.PREP_BLOCK_R} w{warps} s{stages}"
     compiled, log = compile_kernel(fn, launch_values(kernel, loss, dtype, d, config), arch, warps, stages)
     row.update(sass.ptxas_resources(log))
     if row["spill_bytes"]:
@@ -199,9 +202,9 @@ def _cost(job):
 def cuda_compile_unavailable():
     """None when Triton compiles for CUDA here (no GPU needed), else why not."""
     try:
-        from ..backends.triton import tiles
+        from ..backends.triton import rows
 
-        compile_kernel(tiles.prep_rows_kernel, launch_values("prep_rows", "any", "float16", 16, None), "sm_80", 4, 1)
+        compile_kernel(rows.prep_side_kernel, launch_values("prep_rows", "any", "float16", 16, None), "sm_80", 4, 1)
     except Exception as e:  # noqa: BLE001 - any failure means no CUDA compilation here
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     return None

@@ -74,11 +74,18 @@ def prep_side_kernel(feat_ptr, ref_ptr, order_ptr, y_ptr, n_labelled, cls_y_ptr,
     p = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = p < n
     labelled = ok & (p < n_labelled)
-    r = tl.where(labelled, tl.load(order_ptr + p, mask=labelled, other=0), p).to(tl.int64)
+    # the class and its range first: the searches hold nothing of the row
+    y = tl.load(y_ptr + p, mask=labelled, other=0)
+    tl.store(cls_ptr + p, tl.where(labelled, _search(cls_y_ptr, n_cls, y, steps, False), n_cls), mask=ok)
+    tl.store(lo_ptr + p, tl.where(labelled, _search(range_y_ptr, n_range, y, steps, False), n_range), mask=ok)
+    tl.store(hi_ptr + p, tl.where(labelled, _search(range_y_ptr, n_range, y, steps, True), n_range), mask=ok)
+    r32 = tl.where(labelled, tl.load(order_ptr + p, mask=labelled, other=0), p).to(tl.int32)
+    sample, view = (r32 % B).to(tl.int64), (r32 // B).to(tl.int64)  # 32-bit division: no call, no stack
+    r = r32.to(tl.int64)
     d = tl.arange(0, BLOCK_DP)
     d_ok = d < D
     is_batch = r < M
-    src = feat_ptr + (r % B)[:, None] * stride_b + (r // B)[:, None] * stride_v + d[None, :] * stride_d
+    src = feat_ptr + sample[:, None] * stride_b + view[:, None] * stride_v + d[None, :] * stride_d
     v = tl.load(src, mask=(ok & is_batch)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     if HAS_REF:
         rsrc = ref_ptr + (r - M)[:, None] * stride_r + d[None, :] * stride_rd
@@ -90,15 +97,8 @@ def prep_side_kernel(feat_ptr, ref_ptr, order_ptr, y_ptr, n_labelled, cls_y_ptr,
     tl.store(x_ptr + p.to(tl.int64)[:, None] * DP + d[None, :], v.to(x_ptr.dtype.element_ty),
              mask=ok[:, None] & (d < DP)[None, :])
     tl.store(inv_ptr + p, inv, mask=ok)
-    y = tl.load(y_ptr + p, mask=labelled, other=0)
-    cls = tl.where(labelled, _search(cls_y_ptr, n_cls, y, steps, False), n_cls)
-    lo = tl.where(labelled, _search(range_y_ptr, n_range, y, steps, False), n_range)
-    hi = tl.where(labelled, _search(range_y_ptr, n_range, y, steps, True), n_range)
-    tl.store(cls_ptr + p, cls, mask=ok)
-    tl.store(lo_ptr + p, lo, mask=ok)
-    tl.store(hi_ptr + p, hi, mask=ok)
     if OFFSETS:
-        tl.store(out_off_ptr + p, tl.where(is_batch, (r % B) * stride_b + (r // B) * stride_v, -1), mask=ok)
+        tl.store(out_off_ptr + p, tl.where(is_batch, sample * stride_b + view * stride_v, -1), mask=ok)
         tl.store(ref_off_ptr + p, tl.where(is_batch, -1, (r - M) * stride_r), mask=ok)
     if WRITE_WHERE:
         tl.store(where_ptr + r, p, mask=ok)

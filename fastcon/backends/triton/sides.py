@@ -38,29 +38,6 @@ class Side:
     def n(self) -> int:
         return self.cls.shape[0]
 
-    def fill(self, features: torch.Tensor, ref, normalize: bool) -> None:
-        """Normalise, cast, pad and sort the user's rows (one kernel, nothing else allocated)."""
-        k, d = self.n, features.shape[-1]
-        self.x = torch.empty(k, self.dp, dtype=self.x_dtype, device=features.device)
-        self.inv_norm = torch.empty(k, dtype=torch.float32, device=features.device)
-        if k == 0:
-            return
-        if features.dim() == 3:
-            b, sb, sv, sd = features.shape[0], features.stride(0), features.stride(1), features.stride(2)
-        else:
-            b, sb, sv, sd = features.shape[0], features.stride(0), 0, features.stride(1)
-        m = features.shape[0] * (features.shape[1] if features.dim() == 3 else 1)
-        has_ref = ref is not None
-        r = ref if has_ref else features
-        block_r = 16 if self.dp <= 256 else 2
-        tiles.prep_rows_kernel[(triton.cdiv(k, block_r),)](
-            features, r, self.order, self.x, self.inv_norm, k, m, max(b, 1), d, sb, sv, sd,
-            r.stride(0) if has_ref else 0, r.stride(-1) if has_ref else 0,
-            NORMALIZE=bool(normalize), HAS_REF=has_ref, BLOCK_R=block_r, DP=self.dp,
-            BLOCK_DP=triton.next_power_of_2(self.dp))
-        if not normalize:
-            self.inv_norm = None
-
     def fill_rows(self, rows: torch.Tensor) -> None:
         """Sort and pad rows that are already in the dot dtype (the ring's blocks)."""
         self.x = rows.new_zeros(self.n, self.dp)
@@ -95,7 +72,7 @@ def _prep_launch(side: Side, features, ref, y_sorted, n_labelled, cls_y, n_cls, 
     m = features.shape[0] * (features.shape[1] if features.dim() == 3 else 1)
     has_ref = ref is not None
     r = ref if has_ref else features
-    block_r = 16 if side.dp <= 256 else 2
+    block_r = launch.PREP_BLOCK_R
     offsets = side.out_off is not None
     dummy = side.cls
     steps = max(n_cls, n_range, 1).bit_length() + 1
@@ -109,7 +86,7 @@ def _prep_launch(side: Side, features, ref, y_sorted, n_labelled, cls_y, n_cls, 
         r.stride(0) if has_ref else 0, r.stride(-1) if has_ref else 0,
         NORMALIZE=bool(normalize), HAS_REF=has_ref, WRITE_WHERE=where is not None, INIT_POS=init_pos,
         SELF_FROM=self_where is not None, OFFSETS=offsets, BLOCK_R=block_r, DP=side.dp,
-        BLOCK_DP=triton.next_power_of_2(side.dp))
+        BLOCK_DP=triton.next_power_of_2(side.dp), num_warps=launch.PREP_WARPS)
 
 
 def prepare_sides(features, labels, ref, ref_labels, num_anchors: int, normalize: bool, dot_dtype, symmetric: bool):

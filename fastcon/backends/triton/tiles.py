@@ -1,39 +1,11 @@
-"""The pieces the Triton kernels share: the row preparation kernel, loading and multiplying
-one tile, the ranges of plain and special tiles, and loading the gradient parameters.
+"""The pieces the Triton kernels share: loading and multiplying one tile, the ranges of plain
+and special tiles, loading the gradient parameters and storing the rows' gradients.
 (The loops are in :mod:`.kernels`, the per-loss math in :mod:`.tile_math`.)"""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def prep_rows_kernel(feat_ptr, ref_ptr, order_ptr, x_ptr, inv_ptr, K, M, B, D,
-                     stride_b, stride_v, stride_d, stride_r, stride_rd,
-                     NORMALIZE: tl.constexpr, HAS_REF: tl.constexpr, BLOCK_R: tl.constexpr, DP: tl.constexpr,
-                     BLOCK_DP: tl.constexpr):
-    """Row ``p`` of ``x [K, DP]`` is flat row ``order[p]`` (view-major ``v*B + b`` below M,
-    ``ref[r - M]`` above), normalised (float32 math), cast to ``x``'s dtype, zero-padded;
-    ``inv_norm[p] = 1 / max(|row|, 1e-12)``. Grid: ``cdiv(K, BLOCK_R)``."""
-    p = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ok = p < K
-    r = tl.load(order_ptr + p, mask=ok, other=0).to(tl.int64)
-    d = tl.arange(0, BLOCK_DP)
-    d_ok = d < D
-    is_batch = r < M
-    src = feat_ptr + (r % B)[:, None] * stride_b + (r // B)[:, None] * stride_v + d[None, :] * stride_d
-    v = tl.load(src, mask=(ok & is_batch)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    if HAS_REF:
-        rsrc = ref_ptr + (r - M)[:, None] * stride_r + d[None, :] * stride_rd
-        v += tl.load(rsrc, mask=(ok & ~is_batch)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    inv = tl.full((BLOCK_R,), 1.0, tl.float32)
-    if NORMALIZE:
-        inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(v * v, 1)), 1e-12)
-        v = v * inv[:, None]
-    tl.store(x_ptr + p.to(tl.int64)[:, None] * DP + d[None, :], v.to(x_ptr.dtype.element_ty),
-             mask=ok[:, None] & (d < DP)[None, :])
-    tl.store(inv_ptr + p, inv, mask=ok)
 
 
 @triton.jit
