@@ -1,6 +1,6 @@
 """Native CPU kernel against the three-matmul floor and the published dense SupCon algorithm.
 
-Issue 7's targets, float32 forward+backward at N = 16384 rows, D = 128, on the machine's
+The native kernel's targets, float32 forward+backward at N = 16384 rows, D = 128, on the machine's
 CPU threads: native SupCon at most 1.5x the three-matmul floor measured in the same run, at
 least 3x faster than the dense published algorithm, peak resident memory under 1 GB.
 
@@ -9,12 +9,12 @@ untimed warm-up and ``--repeats`` timed runs (the dense algorithm: ``--dense-rep
 points are interleaved over ``--rounds`` rounds and each round's ratios use that round's
 floor, so background load shifts numerator and denominator alike.
 
-    python benchmarks/bench_native_cpu.py                       # the issue's point
+    python benchmarks/bench_native_cpu.py                       # the targets' point
     python benchmarks/bench_native_cpu.py --n 4096 --rounds 1   # a quick look
 
 Points:
   floor         the three products of a forward+backward: s = z z^T, s z, s^T z (dense, timed alone;
-                s is materialised, 1 GiB at N = 16384, as the issue measured it)
+                s is materialised, 1 GiB at N = 16384, as the dense algorithm holds it)
   floor_blocked the same three products per block of 1024 rows (no N x N matrix), for context
   native_supcon / native_schane   fastcon.functional loss(backend="native"), forward + backward
   dense_supcon  the published SupCon algorithm (HobbitLong/SupContrast losses.py), re-implemented below

@@ -1,6 +1,6 @@
 """Times fastcon's Triton backend on a CUDA GPU: SupCon, SCHaNe and focal SupCon,
 forward + backward, at N = 8192 and 65536, D = 128, bfloat16, against the dense
-reference backend at N = 8192. Prints a table, checks the issue's targets, and
+reference backend at N = 8192. Prints a table, checks the targets, and
 writes ``benchmarks/results/triton_<gpu name>.csv`` (the CSV schema of ``fastcon bench``).
 
     python benchmarks/bench_triton_gpu.py

@@ -1,4 +1,4 @@
-"""Issue-2 targets on CPU: peak resident memory of SupCon fwd+bwd at N = 16384, D = 128
+"""The core targets on CPU: peak resident memory of SupCon fwd+bwd at N = 16384, D = 128
 (default backend), and the time of the default backend vs the dense reference at N = 4096.
 
 Each memory point runs in a fresh process (CPU allocations are not tracked by torch),
