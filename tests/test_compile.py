@@ -24,6 +24,9 @@ import fastcon.functional as FC
 from fastcon import CLCELoss, FocalSupConLoss, SCHaNeLoss, SupConLoss
 from fastcon.backends import ops
 
+# torch.compile of every loss and backend (minutes of compilation): the slow suite
+pytestmark = pytest.mark.slow
+
 CPU_BACKENDS = ["reference", "blockwise", "native"]
 LOSSES = {"supcon": SupConLoss, "schane": SCHaNeLoss, "focal": FocalSupConLoss}
 B, V, D, C = 7, 2, 12, 3  # 14 rows: no block size divides it

@@ -32,6 +32,9 @@ import fastcon
 import fastcon.functional as FC
 from tests.cases import TOLERANCES, loss_fn
 
+# 2- and 3-process gloo runs: the slow suite
+pytestmark = pytest.mark.slow
+
 # samples per rank: uneven on purpose
 RANK_SIZES = {2: [5, 8], 3: [5, 3, 6]}
 # (gather, backend, block memory budget): the ring's row statistics are chunked by the

@@ -20,6 +20,9 @@ from fastcon.harness.models import build_network, load_checkpoint
 from fastcon.harness.recipes import LOSSES, loss_kwargs
 from fastcon.mining import hard_pairs
 
+# fine-tuning runs of the harness: the slow suite
+pytestmark = pytest.mark.slow
+
 # A one-block ViT on the 8x8 digits at their own size (4 patches): a few seconds per recipe.
 TINY = ["--model-args", "patch_size=4,embed_dim=48,depth=1,num_heads=2,mlp_ratio=2", "--img-size", "8",
         "--epochs", "5", "--batch-size", "32", "--eval-every", "1", "--linear-epochs", "20", "--lr", "5e-3",

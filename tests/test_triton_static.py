@@ -20,6 +20,9 @@ from fastcon.backends.triton import launch  # noqa: E402
 from fastcon.bench.static_report import LIMIT_INSTR_PER_ELEM, class_weighted, pair_sums, problems  # noqa: E402
 from fastcon.bench.triton_static import ARCHS, QUICK  # noqa: E402
 
+# compiles the shipped kernels for sm_80/sm_90 (minutes): the slow suite
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
