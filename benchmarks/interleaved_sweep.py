@@ -190,33 +190,34 @@ def _error_text(exc):
     return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
 
 
+def _attempt(c, action, device):
+    """Run ``c``'s ``action``; a failure is recorded on ``c`` (out of memory as ``oom``)."""
+    try:
+        action()
+        return True
+    except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
+        c.failed = ("oom", "out of memory") if _is_out_of_memory(e) else ("failed", _error_text(e))
+        c.close()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return False
+
+
 def measure_point(contenders, reps, budget_s, device):
     """Set every contender up, then time them in turns: at most ``reps`` repetitions, fewer
     when they would not fit in ``budget_s`` (at least one each)."""
     start = time.perf_counter()
-    live = []
-    for c in contenders:
-        if c.failed:
-            continue
-        try:
-            c.setup()
-            live.append(c)
-        except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
-            c.failed = ("oom", "out of memory") if _is_out_of_memory(e) else ("failed", _error_text(e))
-            c.close()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    live = [c for c in contenders if not c.failed and _attempt(c, c.setup, device)]
     left = budget_s - (time.perf_counter() - start)
-    if live:
-        probe = time.perf_counter()
-        for c in live:
-            c.rep()
-        per_rep = time.perf_counter() - probe
-        n = 1 + max(0, min(reps - 1, int(left / max(per_rep, 1e-6)) - 1))
-        for r in range(1, n):
-            order = live[r % len(live):] + live[:r % len(live)]  # who goes first rotates too
-            for c in order:
-                c.rep()
+    if not live:
+        return contenders
+    probe = time.perf_counter()
+    live = [c for c in live if _attempt(c, c.rep, device)]
+    per_rep = time.perf_counter() - probe
+    n = 1 + max(0, min(reps - 1, int(left / max(per_rep, 1e-6)) - 1))
+    for r in range(1, n):
+        order = live[r % len(live):] + live[:r % len(live)] if live else []  # who goes first rotates too
+        live = [c for c in order if _attempt(c, c.rep, device)]
     return contenders
 
 

@@ -62,23 +62,32 @@ def test_sweep_on_cpu_writes_every_contender(tmp_path):
         assert skipped["note"] == "CUDA graphs need a CUDA device" and skipped["median"] == "nan"
 
 
-def test_sweep_records_out_of_memory_and_stops_that_contender(tmp_path, monkeypatch):
-    setup = interleaved_sweep.Contender.setup
+def test_sweep_records_failures_and_stops_a_contender_out_of_memory(tmp_path, monkeypatch):
+    setup, rep = interleaved_sweep.Contender.setup, interleaved_sweep.Contender.rep
 
     def short_of_memory(self):
         if self.provider == "reference" and self._x.shape[0] * 2 >= 64:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 17.18 GiB")
         setup(self)
 
+    def fails_at_128(self):
+        if self.provider == "fastcon-blockwise" and self._x.shape[0] * 2 == 128:
+            raise RuntimeError("an error while timing")
+        rep(self)
+
     monkeypatch.setattr(interleaved_sweep.Contender, "setup", short_of_memory)
+    monkeypatch.setattr(interleaved_sweep.Contender, "rep", fails_at_128)
     interleaved_sweep.main(["--device", "cpu", "--sizes", "32", "64", "128", "--reps", "1", "--losses", "focal",
                             "--dtypes", "float32", "--contenders", "eager", "reference", "--out", str(tmp_path)])
     name = interleaved_sweep.slug(interleaved_sweep.device_name(torch.device("cpu")))
-    ref = {r["N"]: r for r in _rows(tmp_path / f"speed_{name}.csv")
-           if r["provider"] == "reference" and r["metric"] != "first_call"}
+    rows = [r for r in _rows(tmp_path / f"speed_{name}.csv") if r["metric"] != "first_call"]
+    ref = {r["N"]: r for r in rows if r["provider"] == "reference"}
     assert ref["32"]["metric"] == "time"
     assert ref["64"]["metric"] == "oom"
     assert ref["128"]["metric"] == "skipped" and ref["128"]["note"] == "out of memory at N = 64"
+    blockwise = {r["N"]: r for r in rows if r["provider"] == "fastcon-blockwise"}
+    assert blockwise["64"]["metric"] == "time"
+    assert blockwise["128"]["metric"] == "failed" and "an error while timing" in blockwise["128"]["note"]
 
 
 def test_sweep_keeps_to_its_time_budget(tmp_path):
