@@ -88,7 +88,7 @@ def assert_triton_matches_exact(kind, case, dtype, reductions=("mean", "sum", "n
 
 # --- a training step inside a CUDA graph, and under torch.compile --------------------------------
 
-def _step_fn(kind, dtype):
+def _step_fn(kind):
     fn, kwargs = loss_fn(kind)
 
     def step(x, labels):
@@ -104,7 +104,7 @@ def test_cuda_graph_replay_matches_eager(kind):
     new labels copied into the static inputs, gives the eager result for those inputs. (bfloat16:
     the host path is the same for every dtype, and float32 kernels take long to compile.)"""
     n, d, dtype = 1000, 96, torch.bfloat16  # a partial last tile and padded D
-    step = _step_fn(kind, dtype)
+    step = _step_fn(kind)
     feats, labels = _features(n, d, dtype, classes=37)
     x = feats.clone().requires_grad_(True)
     side = torch.cuda.Stream()
@@ -136,7 +136,7 @@ def test_cuda_graph_replay_matches_eager(kind):
 @pytest.mark.parametrize("kind", LOSSES)
 def test_no_host_sync_after_warmup(kind):
     """Once compiled and autotuned, a forward + backward makes no synchronising CUDA call."""
-    step = _step_fn(kind, torch.bfloat16)
+    step = _step_fn(kind)
     feats, labels = _features(4096, 128, torch.bfloat16)
     x = feats.clone().requires_grad_(True)
     step(x, labels).backward()
@@ -160,7 +160,7 @@ def test_torch_compile_matches_eager(kind, mode):
 
     torch._dynamo.reset()
     dtype = torch.bfloat16
-    eager = _step_fn(kind, dtype)
+    eager = _step_fn(kind)
 
     def train_step(x, labels):
         return eager(x * 1.0, labels)  # the loss inside a larger compiled function
