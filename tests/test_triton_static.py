@@ -17,7 +17,8 @@ import pytest
 pytest.importorskip("triton")
 
 from fastcon.backends.triton import launch  # noqa: E402
-from fastcon.bench.static_report import LIMIT_INSTR_PER_ELEM, class_weighted, pair_sums, problems  # noqa: E402
+from fastcon.bench.static_report import (LIMIT_INSTR_PER_ELEM, class_weighted, ctas_per_sm, model_exp_ms,  # noqa: E402
+                                         model_ms, model_tensor_core_ms, pair_sums, problems, summary)
 from fastcon.bench.triton_static import ARCHS, QUICK  # noqa: E402
 
 # compiles the shipped kernels for sm_80/sm_90 (minutes): the slow suite
@@ -65,6 +66,44 @@ def test_supcon_instructions_per_element(quick_rows):
         f"(fixed configurations), above {LIMIT_INSTR_PER_ELEM}")
 
 
+def test_exponential_and_occupancy_columns(quick_rows):
+    """The model's other bounds on the quick targets: at least one exponential per element in the
+    statistics kernel's plain loop (the softmax), two in the gradient's (G_ij and G_ji of the
+    symmetric sweep), the resident CTAs from the cubin's registers, and the three bounds printed."""
+    fixed = {r["kernel"]: r for r in quick_rows if r["shipped"] == "fixed+autotune" and r["arch"] == "sm_90"
+             and r["kernel"] in ("stats", "grad")}
+    assert 1.0 <= float(fixed["stats"]["mufu_per_elem"]) < 1.5
+    assert 2.0 <= float(fixed["grad"]["mufu_per_elem"]) < 2.5
+    for r in quick_rows:
+        if r["kernel"] in ("stats", "grad"):
+            assert int(r["ctas_per_sm"]) >= 1 and r["occupancy_limit"], r
+            if r["arch"] == "sm_90":
+                assert float(r["model_exp_ms_n65536"]) > 0 and float(r["model_tensor_core_ms_n65536"]) > 0, r
+    header = summary(quick_rows).splitlines()[0]
+    assert "issue ms" in header and "exp ms" in header and "TC ms" in header and "CTAs/SM" in header
+
+
+def test_model_bounds():
+    """The H100 model's arithmetic: 16 exponentials per clock per SM against 4096 tensor-core flops
+    per clock per SM, so at D = 128 one N^2 x D product takes as long as one exponential per element;
+    the issue bound runs 128 thread-instructions per clock per SM."""
+    assert model_tensor_core_ms("stats", 128) == pytest.approx(model_exp_ms(1.0))
+    assert model_tensor_core_ms("grad", 128) == pytest.approx(2 * model_tensor_core_ms("stats", 128))
+    assert model_ms(8.0) == pytest.approx(model_exp_ms(1.0))
+    assert model_exp_ms(1.0) == pytest.approx(1e3 * 65536**2 / (132 * 16 * 1.755e9))
+
+
+def test_occupancy_model():
+    """CTAs per SM from registers (allocated per warp in units of 256), shared memory (plus 1 KiB
+    per CTA) and warps, and which one limits them."""
+    assert ctas_per_sm("sm_90", 71, 8, 81920) == (2, "shared memory")  # 2 x 81 KiB of 228 KiB
+    assert ctas_per_sm("sm_90", 254, 4, 50176) == (2, "registers")  # 8192 per warp, 32768 per CTA
+    assert ctas_per_sm("sm_90", 255, 8, 1024) == (1, "registers")
+    assert ctas_per_sm("sm_90", 32, 4, 64) == (16, "registers")  # 1024 per warp: 64 warps, 16 CTAs
+    assert ctas_per_sm("sm_90", 24, 2, 0) == (32, "warps")
+    assert ctas_per_sm("sm_80", 64, 4, 81920) == (2, "shared memory")  # 164 KiB on sm_80
+
+
 def test_configuration_lists():
     """Each padded D, dtype and target has a list; the fixed SupCon pair of the instruction
     budget (sm_90 bfloat16, DP = 128) is the one the budget was measured with."""
@@ -105,6 +144,11 @@ def test_committed_report_meets_the_targets():
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert not problems(rows), problems(rows)
+    for r in rows:
+        if r["kernel"] in ("stats", "grad") and r["config"] != "-" and not r["note"].startswith("not compiled"):
+            assert int(r["ctas_per_sm"]) >= 1 and r["mufu_per_elem"], r
+            if r["arch"] == "sm_90" and r["dtype"] != "float32":
+                assert float(r["model_tensor_core_ms_n65536"]) > 0 and float(r["model_exp_ms_n65536"]) > 0, r
     sums = {k: s + g for k, (s, g) in pair_sums(rows).items() if None not in (s, g)}
     supcon = sums[("supcon", "sm_90", "bfloat16", 128)]
     assert supcon <= LIMIT_INSTR_PER_ELEM

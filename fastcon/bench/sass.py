@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 TENSOR_CORE_OPS = ("HGMMA", "WGMMA", "HMMA", "IMMA", "DMMA")
 # Asynchronous global-to-shared copies: cp.async (LDGSTS), TMA (UTMALDG), bulk copies (UBLKCP).
 ASYNC_COPY_OPS = ("LDGSTS", "UTMALDG", "UBLKCP")
+# The special-function unit (ex2, lg2, rcp, rsq, sin, cos): 16 lanes per SM on sm_80 and sm_90.
+MUFU_OPS = ("MUFU",)
 
 _INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;?\s*$")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
@@ -77,6 +80,36 @@ def ptxas_with_timeout(folder: str, seconds: float) -> str:
         f.write(f'#!/bin/sh\nexec timeout {int(seconds)} "{tool("ptxas")}" "$@"\n')
     os.chmod(path, 0o755)
     return path
+
+
+EIATTR_REGCOUNT = 0x2F  # .nv.info attribute: (symbol index u32, registers per thread u32)
+
+
+def cubin_registers(cubin: bytes) -> int:
+    """Registers per thread of the (one) kernel of an ELF ``cubin``, from its ``.nv.info`` section:
+    a list of ``(format u8, attribute u8, value)`` entries, where format 4 carries a u16 size and
+    that many bytes and the other formats a u16. The number the driver allocates by."""
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+    names = headers[shstrndx][4]
+    found = []
+    for name_at, _, _, _, offset, size in headers:
+        name = cubin[names + name_at:cubin.index(b"\0", names + name_at)]
+        if name != b".nv.info":
+            continue
+        at = offset
+        while at + 4 <= offset + size:
+            fmt, attr, value = struct.unpack_from("<BBH", cubin, at)
+            if fmt == 4:
+                if attr == EIATTR_REGCOUNT:
+                    found.append(struct.unpack_from("<II", cubin, at + 4)[1])
+                at += 4 + value
+            else:
+                at += 4
+    if len(found) != 1:
+        raise ValueError(f"expected one register count in the cubin's .nv.info, found {found}")
+    return found[0]
 
 
 def disassemble(cubin: bytes) -> str:

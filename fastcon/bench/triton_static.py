@@ -18,8 +18,11 @@ loop's loads (``num_stages > 1``), so the next tile is in flight while this one 
 (an unpipelined loop loads with LDG + STS and waits). The TTGIR is checked too: the
 ``scf.for`` holds ``ttg.async_copy_global_to_local``.
 
-**Model** (issue-bound H100): instr/elem * N^2 / (132 SMs * 4 schedulers * 32 lanes * 1.755e9 Hz)
-for N = 65536, plain loops only (the band, tail and positive tiles are O(N * BM) work).
+**Model** (H100, N = 65536, plain loops only: the band, tail and positive tiles are O(N * BM)
+work; see :mod:`.static_report`): the issue bound instr/elem * N^2 / (132 SMs * 4 schedulers *
+32 lanes * 1.755e9 Hz), the exponential bound MUFU/elem * N^2 / (132 SMs * 16 * 1.755e9 Hz),
+the tensor-core bound of the kernel's N^2 * DP products, and the CTAs resident per SM from the
+cubin's registers per thread and the kernel's shared memory.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 from . import sass
-from .static_report import LOSSES, N_MODEL, model_ms, summary, write_csv
+from .static_report import (LOSSES, N_MODEL, PRODUCTS, ctas_per_sm, model_exp_ms, model_ms, model_tensor_core_ms,
+                            summary, write_csv)
 
 ARCHS = {"sm_90": 90, "sm_80": 80}
 DTYPES = ("bfloat16", "float16", "float32")
@@ -139,11 +143,15 @@ def analyse(job):
     row["config"] = f"{bm}x{bn} w{warps} s{stages}" if config else f"BLOCK_R={launch.PREP_BLOCK_R} w{warps} s{stages}"
     compiled, log = compile_kernel(fn, launch_values(kernel, loss, dtype, d, config), arch, warps, stages)
     row.update(sass.ptxas_resources(log))
+    cubin = compiled.asm["cubin"]
+    if sass.cubin_registers(cubin) != row["registers"]:
+        raise ValueError(f"the cubin holds {sass.cubin_registers(cubin)} registers, ptxas said {row['registers']}")
     if row["spill_bytes"]:
         row["note"] = "ptxas: " + " ".join(ln.split(":", 1)[-1].strip() for ln in log.splitlines() if "Used" in ln)
     row["shared_bytes"] = compiled.metadata.shared
     row["smem_fits"] = compiled.metadata.shared <= SMEM_LIMIT[arch]
-    instructions, loops = sass.parse_sass(sass.disassemble(compiled.asm["cubin"]))
+    row["ctas_per_sm"], row["occupancy_limit"] = ctas_per_sm(arch, row["registers"], warps, compiled.metadata.shared)
+    instructions, loops = sass.parse_sass(sass.disassemble(cubin))
     row["tensor_core_instr"] = sass.tensor_core_count(instructions)
     row["loops"] = len(loops)
     if kernel == "prep_rows" or not loops:
@@ -159,9 +167,14 @@ def analyse(job):
     row["plain_instr"] = len(plain.instructions)
     row["plain_local_mem_instr"] = plain.count(("LDL", "STL"))
     row["instr_per_elem"] = round(per[0][1], 3)
+    mufu_per_elem = plain.count(sass.MUFU_OPS) * 32 * warps / (bm * bn)
+    row["mufu_per_elem"] = round(mufu_per_elem, 3)
     row["all_loops_instr_per_elem"] = " ".join(f"{k}:{v:.2f}" for k, v in per)
     if arch == "sm_90":
         row["model_ms_n65536"] = round(model_ms(per[0][1]), 3)
+        row["model_exp_ms_n65536"] = round(model_exp_ms(mufu_per_elem), 3)
+        if kernel in PRODUCTS and dtype != "float32":
+            row["model_tensor_core_ms_n65536"] = round(model_tensor_core_ms(kernel, launch.padded_dim(d)), 3)
     return row
 
 
