@@ -1,0 +1,66 @@
+"""Faulty input and unusual contexts: non-finite values, autocast, hyper-parameter types,
+label and argument errors, and the warning of a "mean" loss without a valid anchor.
+
+Every CPU backend must give the reference's result, or the same clear error."""
+
+import fractions
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcon
+import fastcon.functional as FC
+import fastcon.native
+
+CPU_BACKENDS = ["reference", "blockwise"] + (["native"] if fastcon.native.is_available() else [])
+LOSS_FNS = {"supcon": FC.supcon_loss, "schane": FC.schane_loss, "focal": FC.focal_supcon_loss}
+
+
+# --- non-finite input -----------------------------------------------------------------------
+
+
+def _poisoned(where: str, value: float):
+    """A batch with one non-finite entry: in a bank row that is a negative of every anchor,
+    in a bank row that is some anchors' positive, or in a batch row."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 2, 8, generator=g)
+    y = torch.tensor([0, 1, 0, 2, 1, 2])
+    ref = torch.randn(5, 8, generator=g)
+    ref_y = torch.tensor([0, 1, 9, 2, 0])  # row 2: a class no anchor has
+    if where == "bank_negative":
+        ref[2, 3] = value
+    elif where == "bank_positive":
+        ref[3, 3] = value
+    else:
+        x[1, 0, 2] = value
+    return x, y, ref, ref_y
+
+
+@pytest.mark.parametrize("kind", sorted(LOSS_FNS))
+@pytest.mark.parametrize("where", ["bank_negative", "bank_positive", "features"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_input_gives_the_reference_result_on_every_backend(kind, where, value):
+    x, y, ref, ref_y = _poisoned(where, value)
+    for reduction in ["mean", "none"]:
+        want = LOSS_FNS[kind](x, y, ref_features=ref, ref_labels=ref_y, reduction=reduction, backend="reference")
+        assert not torch.isfinite(want).all()
+        for backend in CPU_BACKENDS[1:]:
+            got = LOSS_FNS[kind](x, y, ref_features=ref, ref_labels=ref_y, reduction=reduction, backend=backend)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True,
+                                       msg=lambda m: f"{backend} {reduction}: {m}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", sorted(LOSS_FNS))
+def test_anchor_without_contrast_rows_is_exactly_zero(backend, kind):
+    # one row: A(i) is empty (its log-sum-exp is -inf), the anchor is invalid, the loss 0
+    x = torch.randn(1, 4, requires_grad=True)
+    for reduction in ["mean", "sum", "none"]:
+        loss = LOSS_FNS[kind](x, torch.tensor([2]), reduction=reduction, backend=backend)
+        assert torch.equal(loss.detach(), torch.zeros_like(loss)), (reduction, loss)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        assert torch.equal(grad, torch.zeros_like(x))
