@@ -64,3 +64,53 @@ def test_anchor_without_contrast_rows_is_exactly_zero(backend, kind):
         assert torch.equal(loss.detach(), torch.zeros_like(loss)), (reduction, loss)
         (grad,) = torch.autograd.grad(loss.sum(), x)
         assert torch.equal(grad, torch.zeros_like(x))
+
+
+# --- autocast -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", sorted(LOSS_FNS) + ["clce"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_autocast_changes_neither_dtype_nor_value(backend, kind, reduction):
+    # the loss computes in float32 and returns float32 whatever autocast the caller runs under;
+    # the model's bfloat16 output goes in as it is
+    torch.manual_seed(0)
+    x = torch.randn(16, 2, 32).to(torch.bfloat16)
+    y = torch.randint(0, 4, (16,))
+    logits = torch.randn(16, 2, 5).to(torch.bfloat16)
+
+    def loss(features):
+        if kind == "clce":
+            return FC.clce_loss(features, logits, y, reduction=reduction, backend=backend)
+        return LOSS_FNS[kind](features, y, reduction=reduction, backend=backend)
+
+    x_plain, x_auto = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want = loss(x_plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss(x_auto)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, want)
+    want.sum().backward()
+    got.sum().backward()  # outside autocast, as PyTorch recommends
+    assert x_auto.grad.dtype == torch.bfloat16
+    assert torch.equal(x_auto.grad, x_plain.grad)
+
+
+# --- hyper-parameter types ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [np.float32(0.25), np.float64(0.25), np.int64(1), fractions.Fraction(1, 4), 0.25])
+def test_any_real_number_type_is_a_hyper_parameter(value):
+    x, y = torch.randn(4, 2, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+    want = FC.supcon_loss(x, y, temperature=float(value))
+    assert torch.equal(FC.supcon_loss(x, y, temperature=value), want)
+    assert fastcon.SupConLoss(temperature=value).temperature == float(value)
+    assert type(fastcon.SupConLoss(temperature=value).temperature) is float
+    assert fastcon.CLCELoss(alpha=np.float32(0.5)).alpha == 0.5
+
+
+@pytest.mark.parametrize("value", [torch.tensor(0.1), True, np.bool_(True), "0.1", None])
+def test_non_real_hyper_parameters_are_refused(value):
+    with pytest.raises(TypeError, match="temperature must be a real number"):
+        FC.supcon_loss(torch.randn(4, 2, 3), torch.tensor([0, 1, 0, 1]), temperature=value)
