@@ -115,6 +115,24 @@ class MemoryBank(nn.Module):
         self.write_index.fill_((start + n) % self.capacity)
         self.size.fill_(min(self.capacity, int(self.size) + n))
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Refuse a saved state that no bank of this capacity can hold, before it is loaded
+        (an oversized ``size`` would otherwise fail at the next read or push)."""
+        def saved(name):
+            value = state_dict.get(prefix + name)
+            return None if value is None or value.numel() != 1 else int(value)
+
+        size, index, labelled = saved("size"), saved("write_index"), saved("labelled")
+        if size is not None and not 0 <= size <= self.capacity:
+            raise ValueError(f"MemoryBank state: size must lie in [0, capacity = {self.capacity}], got {size}")
+        if index is not None and not 0 <= index < self.capacity:
+            raise ValueError(f"MemoryBank state: write_index must lie in [0, capacity = {self.capacity}), got {index}")
+        if labelled is not None and labelled not in (-1, 0, 1):
+            raise ValueError(f"MemoryBank state: labelled must be -1, 0 or 1, got {labelled}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def reset(self) -> None:
         """Forget every stored row."""
         self.write_index.zero_()
