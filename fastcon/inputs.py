@@ -77,6 +77,8 @@ def _check_labels(name: str, labels, expected: int, device: torch.device, what: 
             labels = torch.as_tensor(labels)
         except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
             raise TypeError(f"{name} must be an integer tensor, got {type(labels).__name__}") from exc
+    if labels.is_meta and device.type != "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no values; pass them on {device}")
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"{name} must hold integers (class indices), got dtype {labels.dtype}")
     if labels.dim() != 1:

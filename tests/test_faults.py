@@ -5,7 +5,6 @@ Every CPU backend must give the reference's result, or the same clear error."""
 
 import fractions
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -70,8 +69,8 @@ def test_anchor_without_contrast_rows_is_exactly_zero(backend, kind):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("kind", sorted(LOSS_FNS) + ["clce"])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("kind,reduction", [(k, r) for k in sorted(LOSS_FNS) for r in ("mean", "none")]
+                         + [("clce", "mean")])
 def test_cpu_autocast_changes_neither_dtype_nor_value(backend, kind, reduction):
     # the loss computes in float32 and returns float32 whatever autocast the caller runs under;
     # the model's bfloat16 output goes in as it is
@@ -114,3 +113,20 @@ def test_any_real_number_type_is_a_hyper_parameter(value):
 def test_non_real_hyper_parameters_are_refused(value):
     with pytest.raises(TypeError, match="temperature must be a real number"):
         FC.supcon_loss(torch.randn(4, 2, 3), torch.tensor([0, 1, 0, 1]), temperature=value)
+
+
+# --- clear errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", sorted(LOSS_FNS) + ["clce"])
+def test_labels_on_the_meta_device_are_refused(kind):
+    x, y = torch.randn(4, 2, 5), torch.tensor([0, 1, 0, 2], device="meta")
+    with pytest.raises(ValueError, match="labels is on the meta device"):
+        if kind == "clce":
+            FC.clce_loss(x, torch.randn(4, 3), y)
+        else:
+            LOSS_FNS[kind](x, y)
+    with pytest.raises(ValueError, match="ref_labels is on the meta device"):
+        FC.supcon_loss(x, torch.tensor([0, 1, 0, 2]), ref_features=torch.randn(3, 5),
+                       ref_labels=torch.zeros(3, dtype=torch.long, device="meta"))
+
