@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import backends
 from .backends.function import batch_loss
-from .distributed import check_gather, distributed_loss, rescale_local_sum
+from .distributed import RankArguments, check_gather, distributed_loss, group_rank_and_size, rescale_local_sum
 from .inputs import REDUCTIONS, check_batch, check_choice, check_unit_interval
 from .losses import FocalSupCon, LossDefinition, SCHaNe, SupCon
 
@@ -44,18 +44,46 @@ def contrastive_loss(
     gather=False,
 ) -> torch.Tensor:
     """Any loss of :mod:`fastcon.losses` given as its definition; the public losses call this."""
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("backend", backend, backends.NAMES)
+    return _loss(lambda: definition, features, labels, contrast_mode=contrast_mode, normalize=normalize,
+                 reduction=reduction, backend=backend, ref_features=ref_features, ref_labels=ref_labels,
+                 process_group=process_group, gather=gather)
+
+
+def _loss(build, features, labels, *, contrast_mode="all", normalize, reduction, backend, ref_features, ref_labels,
+          process_group, gather, check_more=None) -> torch.Tensor:
+    """The loss of the definition ``build()`` builds (which checks its hyper-parameters).
+
+    ``check_more(batch)``, if given, checks the caller's own arguments and returns its
+    hyper-parameters as ``(name, value)`` pairs (CLCE's ``alpha``). Every check runs before
+    any computation; across ranks, before the first collective, whose metadata carries each
+    rank's outcome and arguments so that every rank raises the same error.
+    """
     check_gather(gather, process_group)
-    if gather is not False:
-        return distributed_loss(
-            features, labels, definition=definition, contrast_mode=contrast_mode, normalize=normalize,
-            reduction=reduction, backend=backend, ref_features=ref_features, ref_labels=ref_labels,
-            process_group=process_group, gather=gather,
-        )
-    batch = check_batch(features, labels, contrast_mode=contrast_mode, ref_features=ref_features,
-                        ref_labels=ref_labels)
-    return batch_loss(batch, definition, bool(normalize), reduction, backend)[0]
+    info = group_rank_and_size(process_group) if gather is not False else None
+    across_ranks = info is not None and info[1] > 1
+    definition = batch = None
+    extra = ()
+    try:
+        definition = build()
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("backend", backend, backends.NAMES)
+        batch = check_batch(features, labels, contrast_mode=contrast_mode, ref_features=ref_features,
+                            ref_labels=ref_labels, allow_empty=across_ranks)
+        engine = backend if not (gather == "ring" and backend == "reference") else "blockwise"
+        backends.resolve(engine, batch.features.device)  # an unavailable backend fails here, not mid-way
+        extra = tuple(check_more(batch)) if check_more is not None else ()
+        error = None
+    except Exception as exc:  # noqa: BLE001 - raised below, on every rank alike
+        if not across_ranks:
+            raise
+        error = exc
+    if not across_ranks:
+        loss, valid = batch_loss(batch, definition, bool(normalize), reduction, backend)
+    else:
+        arguments = RankArguments.of(definition, extra, gather=gather, reduction=reduction, backend=backend,
+                                     contrast_mode=contrast_mode, normalize=normalize, labelled=labels is not None)
+        loss, valid = distributed_loss(features, batch, definition, arguments, error, process_group=process_group)
+    return loss
 
 
 def supcon_loss(
@@ -78,8 +106,8 @@ def supcon_loss(
     ``l_i = -(t / t_base) * mean_{p in P(i)} [ s_ip - LSE_{a in A(i)} s_ia ]``.
     Without labels a ``[B, V, D]`` input is SimCLR's instance discrimination.
     """
-    return contrastive_loss(
-        features, labels, definition=SupCon(temperature, base_temperature), contrast_mode=contrast_mode,
+    return _loss(
+        lambda: SupCon(temperature, base_temperature), features, labels, contrast_mode=contrast_mode,
         normalize=normalize, reduction=reduction, backend=backend, ref_features=ref_features, ref_labels=ref_labels,
         process_group=process_group, gather=gather,
     )
@@ -104,8 +132,8 @@ def schane_loss(
 
     ``l_i = softplus(log Ng_i - log pos_i)`` with positives averaged inside the log.
     """
-    return contrastive_loss(
-        features, labels, definition=SCHaNe(temperature, beta), normalize=normalize, reduction=reduction,
+    return _loss(
+        lambda: SCHaNe(temperature, beta), features, labels, normalize=normalize, reduction=reduction,
         backend=backend, ref_features=ref_features, ref_labels=ref_labels,
         process_group=process_group, gather=gather,
     )
@@ -131,8 +159,8 @@ def focal_supcon_loss(
     ``l_i = -(t/t_base) / M * sum_{j in P(i)} (1 - p_ij)^gamma log p_ij`` where ``p`` is the
     softmax over ``A(i)`` and ``M`` the number of contrast rows (as the reference code divides).
     """
-    return contrastive_loss(
-        features, labels, definition=FocalSupCon(temperature, base_temperature, gamma), normalize=normalize,
+    return _loss(
+        lambda: FocalSupCon(temperature, base_temperature, gamma), features, labels, normalize=normalize,
         reduction=reduction, backend=backend, ref_features=ref_features, ref_labels=ref_labels,
         process_group=process_group, gather=gather,
     )
@@ -189,17 +217,19 @@ def clce_loss(
     ``logits`` is ``[B, V, C]`` (cross-entropy over every view, labels repeated per view),
     ``[B, C]`` or, for ``[N, D]`` features, ``[N, C]``. ``labels`` are required.
     """
-    a = check_unit_interval("alpha", alpha)
-    definition = SCHaNe(temperature, beta)
-    if labels is None:
-        raise ValueError("labels is required by clce_loss (its cross-entropy term needs classes)")
-    if not isinstance(features, torch.Tensor):
-        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-    _check_logits(logits, features)
-    contrastive = contrastive_loss(
-        features, labels, definition=definition, normalize=normalize, backend=backend, ref_features=ref_features,
-        ref_labels=ref_labels, process_group=process_group, gather=gather,
+    def check_more(batch):
+        a = check_unit_interval("alpha", alpha)
+        if labels is None:
+            raise ValueError("labels is required by clce_loss (its cross-entropy term needs classes)")
+        _check_logits(logits, batch.features)
+        return (("alpha", a),)
+
+    contrastive = _loss(
+        lambda: SCHaNe(temperature, beta), features, labels, normalize=normalize, backend=backend,
+        reduction="mean", ref_features=ref_features, ref_labels=ref_labels, process_group=process_group,
+        gather=gather, check_more=check_more,
     )
+    a = float(alpha)
     y = torch.as_tensor(labels, device=logits.device).to(torch.int64)
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_logits = flat_logits if flat_logits.dtype == torch.float64 else flat_logits.float()

@@ -20,6 +20,7 @@ from torch import nn
 
 from .inputs import FLOAT_DTYPES, flatten_features
 from .distributed import all_gather_rows, group_rank_and_size
+from .distributed.collectives import exchange_checks
 
 
 class MemoryBank(nn.Module):
@@ -80,28 +81,26 @@ class MemoryBank(nn.Module):
 
         With ``gather=True`` under an initialised process group, the rows of every rank are
         appended (in rank order) on every rank, as MoCo does with its keys, so all ranks
-        hold the same bank.
+        hold the same bank. If one rank's rows fail a check, every rank raises the same error
+        and no bank changes.
         """
-        if features.dim() == 2 and labels is None:
-            flat, y = features, None
-        else:
-            flat, y, _, _ = flatten_features(features, labels)
-            if labels is None:
-                y = None  # sample indices are no class labels: the rows stay unlabelled
-        if flat.shape[1] != self.dim:
-            raise ValueError(f"features have {flat.shape[1]} columns but the bank stores rows of size {self.dim}")
-        has_labels = 1 if y is not None else 0
-        if int(self.labelled) not in (-1, has_labels):
-            raise ValueError(
-                "this bank holds " + ("labelled" if has_labels == 0 else "unlabelled") + " rows; "
-                + ("pass labels to push" if has_labels == 0 else "push without labels, or use a new bank")
-            )
-        flat = flat.detach().to(device=self.queue.device, dtype=self.queue.dtype)
-        if y is None:
-            y = torch.full((flat.shape[0],), -1, dtype=torch.int64, device=flat.device)
-        y = y.to(self.queue_labels.device)
-        if gather:
-            flat, y = _gather_all_ranks(flat, y, process_group)
+        info = group_rank_and_size(process_group) if gather else None
+        try:
+            flat, y, has_labels = self._checked(features, labels)
+            error = None
+        except (TypeError, ValueError) as exc:
+            if info is None or info[1] == 1:
+                raise
+            flat = y = has_labels = None
+            error = exc
+        if info is not None and info[1] > 1:
+            device = self.queue.device
+            mine = [0, 0] if flat is None else [flat.shape[0], has_labels]
+            table = exchange_checks(mine, error, process_group, info[1], device)
+            sizes, labelled = table[:, 0].tolist(), table[:, 1].tolist()
+            if len(set(labelled)) != 1:
+                raise ValueError(f"labels must be given on every rank or on none, got labels by rank: {labelled}")
+            flat, y = all_gather_rows(flat, sizes, process_group), all_gather_rows(y, sizes, process_group)
         self.labelled.fill_(has_labels)
         if flat.shape[0] > self.capacity:  # only the newest rows survive
             flat, y = flat[-self.capacity:], y[-self.capacity:]
@@ -133,6 +132,27 @@ class MemoryBank(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def _checked(self, features, labels):
+        """``(rows [n, dim] in the bank's dtype and device, labels [n] (-1: unlabelled), 1 if labelled)``."""
+        if isinstance(features, torch.Tensor) and features.dim() == 2 and labels is None:
+            flat, y = features, None
+        else:
+            flat, y, _, _ = flatten_features(features, labels)
+            if labels is None:
+                y = None  # sample indices are no class labels: the rows stay unlabelled
+        if flat.shape[1] != self.dim:
+            raise ValueError(f"features have {flat.shape[1]} columns but the bank stores rows of size {self.dim}")
+        has_labels = 1 if y is not None else 0
+        if int(self.labelled) not in (-1, has_labels):
+            raise ValueError(
+                "this bank holds " + ("labelled" if has_labels == 0 else "unlabelled") + " rows; "
+                + ("pass labels to push" if has_labels == 0 else "push without labels, or use a new bank")
+            )
+        flat = flat.detach().to(device=self.queue.device, dtype=self.queue.dtype)
+        if y is None:
+            y = torch.full((flat.shape[0],), -1, dtype=torch.int64, device=flat.device)
+        return flat, y.to(self.queue_labels.device), has_labels
+
     def reset(self) -> None:
         """Forget every stored row."""
         self.write_index.zero_()
@@ -141,12 +161,3 @@ class MemoryBank(nn.Module):
 
     def extra_repr(self) -> str:
         return f"capacity={self.capacity}, dim={self.dim}, size={len(self)}, dtype={self.queue.dtype}"
-
-
-def _gather_all_ranks(rows: torch.Tensor, labels: torch.Tensor, process_group):
-    info = group_rank_and_size(process_group)
-    if info is None or info[1] == 1:
-        return rows, labels
-    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
-    sizes = all_gather_rows(count, [1] * info[1], process_group).tolist()
-    return all_gather_rows(rows, sizes, process_group), all_gather_rows(labels, sizes, process_group)

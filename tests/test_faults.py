@@ -130,3 +130,7 @@ def test_labels_on_the_meta_device_are_refused(kind):
         FC.supcon_loss(x, torch.tensor([0, 1, 0, 2]), ref_features=torch.randn(3, 5),
                        ref_labels=torch.zeros(3, dtype=torch.long, device="meta"))
 
+
+def test_clce_zero_dim_features_are_refused():
+    with pytest.raises(ValueError, match=r"features must be \[B, V, D\] or \[N, D\], got 0-D"):
+        FC.clce_loss(torch.tensor(1.0), torch.randn(4, 3), torch.tensor([0, 1, 1, 2]))
