@@ -197,6 +197,21 @@ def _check_logits(logits, features: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def _check_class_labels(labels, num_classes: int) -> None:
+    """Class indices in ``[0, C)``, checked for CPU tensors only: checking CUDA labels would make
+    every step wait for the device (there, cross-entropy's own device-side assertion fires).
+    Not inside ``torch.compile``, whose graphs cannot branch on tensor values."""
+    if (not isinstance(labels, torch.Tensor) or labels.device.type != "cpu" or labels.numel() == 0
+            or torch.compiler.is_compiling()):
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"labels must be class indices in [0, {num_classes}) for logits with C = {num_classes} columns, "
+            f"got {low if low < 0 else high}"
+        )
+
+
 def clce_loss(
     features: torch.Tensor,
     logits: torch.Tensor,
@@ -215,13 +230,17 @@ def clce_loss(
     """CLCE (Long et al. 2024): ``alpha * SCHaNe + (1 - alpha) * CE``.
 
     ``logits`` is ``[B, V, C]`` (cross-entropy over every view, labels repeated per view),
-    ``[B, C]`` or, for ``[N, D]`` features, ``[N, C]``. ``labels`` are required.
+    ``[B, C]`` or, for ``[N, D]`` features, ``[N, C]``. ``labels`` are required, class indices
+    in ``[0, C)``: checked for CPU labels (outside ``torch.compile``), with a clear error; on
+    CUDA an out-of-range label trips cross-entropy's device-side assertion (no label is ever
+    ignored), since checking it would make every step wait for the device.
     """
     def check_more(batch):
         a = check_unit_interval("alpha", alpha)
         if labels is None:
             raise ValueError("labels is required by clce_loss (its cross-entropy term needs classes)")
         _check_logits(logits, batch.features)
+        _check_class_labels(labels if isinstance(labels, torch.Tensor) else batch.labels, logits.shape[-1])
         return (("alpha", a),)
 
     contrastive = _loss(
@@ -235,8 +254,10 @@ def clce_loss(
     flat_logits = flat_logits if flat_logits.dtype == torch.float64 else flat_logits.float()
     if logits.dim() == 3:
         y = y[:, None].expand(logits.shape[0], logits.shape[1]).reshape(-1)  # [B, V] row-major like logits
+    no_ignored_label = torch.iinfo(torch.int64).min  # cross-entropy's default skips the label -100
     if gather is not False:
-        ce = rescale_local_sum(F.cross_entropy(flat_logits, y, reduction="sum"), flat_logits.shape[0], process_group)
+        ce = rescale_local_sum(F.cross_entropy(flat_logits, y, reduction="sum", ignore_index=no_ignored_label),
+                               flat_logits.shape[0], process_group)
     else:
-        ce = F.cross_entropy(flat_logits, y)
+        ce = F.cross_entropy(flat_logits, y, ignore_index=no_ignored_label)
     return a * contrastive + (1 - a) * ce.to(contrastive.dtype)

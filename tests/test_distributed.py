@@ -135,6 +135,8 @@ DESYNC = {
                           ValueError, r"^rank 0: reduction must be one of .*got 'avg'<others>$"),
     "clce_alpha_mismatch": (lambda r, g: _clce(r, alpha=0.3 if r == 1 else 0.5, gather=g),
                             ValueError, r"^alpha must be the same on every rank, got \[0.5, 0.3"),
+    "clce_label_out_of_range": (lambda r, g: _clce(r, labels=torch.tensor([0, 3, 1]) if r == 1 else _y(r), gather=g),
+                                ValueError, r"^rank 1: labels must be class indices in \[0, 3\)"),
     "clce_logits_invalid": (lambda r, g: _clce(r, logits=torch.randn(4, 3) if r == 1 else torch.randn(3, 3),
                                                gather=g),
                             ValueError, r"^rank 1: logits \[B, C\] must have B = 3 rows"),

@@ -134,3 +134,13 @@ def test_labels_on_the_meta_device_are_refused(kind):
 def test_clce_zero_dim_features_are_refused():
     with pytest.raises(ValueError, match=r"features must be \[B, V, D\] or \[N, D\], got 0-D"):
         FC.clce_loss(torch.tensor(1.0), torch.randn(4, 3), torch.tensor([0, 1, 1, 2]))
+
+
+@pytest.mark.parametrize("bad", [3, 10, -1, -100])  # -100: cross-entropy's default ignore_index
+def test_clce_labels_outside_the_classes_are_refused(bad):
+    x, logits = torch.randn(4, 2, 5), torch.randn(4, 3)
+    y = torch.tensor([0, 1, bad, 2])
+    with pytest.raises(ValueError, match=rf"labels must be class indices in \[0, 3\) .* got {bad}"):
+        FC.clce_loss(x, logits, y)
+    with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 3\)"):
+        fastcon.CLCELoss()(x, logits, y.tolist())
