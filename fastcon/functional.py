@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends
-from .backends.function import batch_loss
+from .backends.function import autocast_disabled, batch_loss
 from .distributed import RankArguments, check_gather, distributed_loss, group_rank_and_size, rescale_local_sum
 from .inputs import REDUCTIONS, check_batch, check_choice, check_unit_interval
 from .losses import FocalSupCon, LossDefinition, SCHaNe, SupCon
@@ -221,6 +221,7 @@ def clce_loss(
     temperature: float = 0.07,
     beta: float = 1.0,
     normalize: bool = True,
+    reduction: str = "mean",
     backend: str = "auto",
     ref_features=None,
     ref_labels=None,
@@ -234,6 +235,17 @@ def clce_loss(
     in ``[0, C)``: checked for CPU labels (outside ``torch.compile``), with a clear error; on
     CUDA an out-of-range label trips cross-entropy's device-side assertion (no label is ever
     ignored), since checking it would make every step wait for the device.
+
+    The anchors are the rows of ``features`` flattened view-major (row ``v*B + b`` is view ``v``
+    of sample ``b``), and anchor row ``i`` has the cross-entropy ``ce_i`` of its own logits row:
+    ``logits[b, v]`` for ``[B, V, C]`` logits, ``logits[b]`` (the same for every view of sample
+    ``b``) for ``[B, C]``, ``logits[n]`` for ``[N, C]``. With ``l_i`` SCHaNe's loss of anchor i
+    (0 at an invalid anchor):
+
+    - ``reduction="none"``: the ``[V*B]`` (or ``[N]``) vector ``alpha * l_i + (1 - alpha) * ce_i``;
+    - ``"sum"``: the sum of that vector;
+    - ``"mean"``: ``alpha`` times the mean of ``l_i`` over the valid anchors plus ``1 - alpha``
+      times the mean of ``ce_i`` over all anchors (which is the mean over the logits rows).
     """
     def check_more(batch):
         a = check_unit_interval("alpha", alpha)
@@ -244,20 +256,37 @@ def clce_loss(
         return (("alpha", a),)
 
     contrastive = _loss(
-        lambda: SCHaNe(temperature, beta), features, labels, normalize=normalize, backend=backend,
-        reduction="mean", ref_features=ref_features, ref_labels=ref_labels, process_group=process_group,
+        lambda: SCHaNe(temperature, beta), features, labels, normalize=normalize, reduction=reduction,
+        backend=backend, ref_features=ref_features, ref_labels=ref_labels, process_group=process_group,
         gather=gather, check_more=check_more,
     )
     a = float(alpha)
+    with autocast_disabled(logits.device):
+        ce = _cross_entropy_rows(features, logits, labels)
+    if reduction == "none":
+        return a * contrastive + (1 - a) * ce.to(contrastive.dtype)
+    if reduction == "sum":
+        info = group_rank_and_size(process_group) if gather is not False else None
+        ce = ce.sum() * (info[1] if info is not None else 1)  # scaled for DDP like the contrastive term
+    elif gather is not False:
+        ce = rescale_local_sum(ce.sum(), ce.shape[0], process_group)
+    else:
+        ce = ce.mean()
+    return a * contrastive + (1 - a) * ce.to(contrastive.dtype)
+
+
+def _cross_entropy_rows(features: torch.Tensor, logits: torch.Tensor, labels) -> torch.Tensor:
+    """The cross-entropy of each anchor row (view-major, see :func:`clce_loss`), in float32
+    (float64 for float64 logits)."""
     y = torch.as_tensor(labels, device=logits.device).to(torch.int64)
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_logits = flat_logits if flat_logits.dtype == torch.float64 else flat_logits.float()
     if logits.dim() == 3:
         y = y[:, None].expand(logits.shape[0], logits.shape[1]).reshape(-1)  # [B, V] row-major like logits
-    no_ignored_label = torch.iinfo(torch.int64).min  # cross-entropy's default skips the label -100
-    if gather is not False:
-        ce = rescale_local_sum(F.cross_entropy(flat_logits, y, reduction="sum", ignore_index=no_ignored_label),
-                               flat_logits.shape[0], process_group)
-    else:
-        ce = F.cross_entropy(flat_logits, y, ignore_index=no_ignored_label)
-    return a * contrastive + (1 - a) * ce.to(contrastive.dtype)
+    # no label is ignored (cross-entropy's default skips the label -100)
+    ce = F.cross_entropy(flat_logits, y, reduction="none", ignore_index=torch.iinfo(torch.int64).min)
+    if logits.dim() == 3:
+        return ce.reshape(logits.shape[0], logits.shape[1]).T.reshape(-1)  # [B, V] -> view-major
+    if features.dim() == 3:
+        return ce.repeat(features.shape[1])  # [B] logits: every view of sample b has logits[b]
+    return ce

@@ -72,8 +72,8 @@ DIST_CASES = [
     DistCase("schane_rows_singletons", "schane", v=None, num_classes=6),
     DistCase("focal_v2", "focal"),
     DistCase("focal_v3", "focal", v=3, num_classes=4),
-    DistCase("clce_v2", "clce", reductions=("mean",)),
-    DistCase("clce_rows", "clce", v=None, num_classes=4, reductions=("mean",)),
+    DistCase("clce_v2", "clce"),
+    DistCase("clce_rows", "clce", v=None, num_classes=4),
 ]
 
 CHECKS = [f"{c.name}-{r}-{m}" for c in DIST_CASES for r in c.reductions for m in MODES]
@@ -140,6 +140,8 @@ DESYNC = {
     "clce_logits_invalid": (lambda r, g: _clce(r, logits=torch.randn(4, 3) if r == 1 else torch.randn(3, 3),
                                                gather=g),
                             ValueError, r"^rank 1: logits \[B, C\] must have B = 3 rows"),
+    "clce_reduction_mismatch": (lambda r, g: _clce(r, reduction="none" if r == 1 else "mean", gather=g),
+                                ValueError, r"^reduction must be the same on every rank"),
 }
 DESYNC_CHECKS = [f"desync_{name}-{g}" for name in DESYNC for g in ("gather", "ring")]
 DESYNC_CHECKS += ["desync_memory_bank_dim"]
@@ -173,8 +175,8 @@ def _anchor_index(case: DistCase, sizes, rank):
 
 def _loss(case: DistCase, feats, labels, ref, ref_labels, logits, *, reduction, backend, **dist_kwargs):
     if case.kind == "clce":
-        return FC.clce_loss(feats, logits, labels, alpha=0.3, temperature=0.2, beta=0.7, backend=backend,
-                            ref_features=ref, ref_labels=ref_labels, **dist_kwargs)
+        return FC.clce_loss(feats, logits, labels, alpha=0.3, temperature=0.2, beta=0.7, reduction=reduction,
+                            backend=backend, ref_features=ref, ref_labels=ref_labels, **dist_kwargs)
     fn, kwargs = loss_fn(case.kind)
     if case.contrast_mode != "all":
         kwargs["contrast_mode"] = case.contrast_mode
