@@ -11,11 +11,20 @@ With ``gather=True`` under an initialised ``torch.distributed`` process group (`
 default the world) each rank's anchors contrast against the rows of every rank, and the
 returned loss is scaled for DDP's gradient averaging (see :mod:`fastcon.distributed`).
 
-The loss comes back in float32 (float64 for float64 input); gradients reach the
-inputs in their own dtype.
+The loss comes back in float32 (float64 for float64 input), also under ``torch.autocast``;
+gradients reach the inputs in their own dtype.
+
+A ``"mean"`` loss without a valid anchor is 0.0 (docs/semantics.md). For CPU tensors it also
+warns, once per process (the usual cause is a batch with one view per sample and all-distinct
+labels); for GPU tensors it does not, since testing the count would make every step wait for
+the device.
 """
 
 from __future__ import annotations
+
+import os
+import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +92,41 @@ def _loss(build, features, labels, *, contrast_mode="all", normalize, reduction,
         arguments = RankArguments.of(definition, extra, gather=gather, reduction=reduction, backend=backend,
                                      contrast_mode=contrast_mode, normalize=normalize, labelled=labels is not None)
         loss, valid = distributed_loss(features, batch, definition, arguments, error, process_group=process_group)
+    if reduction == "mean":
+        _warn_if_no_valid_anchor(valid)
     return loss
+
+
+_WARNED_NO_VALID_ANCHOR = False
+
+
+def _warn_if_no_valid_anchor(valid: torch.Tensor) -> None:
+    """Warn, once per process, that a "mean" loss had no valid anchor. Only for CPU tensors:
+    on a GPU, testing the count would wait for the device at every step."""
+    global _WARNED_NO_VALID_ANCHOR
+    if _WARNED_NO_VALID_ANCHOR or valid.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    if int(valid.sum()) == 0:
+        _WARNED_NO_VALID_ANCHOR = True
+        warnings.warn(
+            "fastcon: no anchor of this batch is valid (an anchor needs a positive, and for SCHaNe and "
+            "CLCE a negative too), so the 'mean' loss is 0.0 and its gradient is zero. The usual "
+            "cause is a batch with one view per sample and all-distinct labels: pass several views "
+            "([B, V, D] with V >= 2) or sample batches with repeated labels. This warning is shown "
+            "once per process.",
+            UserWarning,
+            stacklevel=_caller_level(),
+        )
+
+
+def _caller_level() -> int:
+    """``warnings.warn``'s stacklevel of the first caller outside fastcon and torch (a module's
+    ``__call__``), so that the warning names the user's line."""
+    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(2), 2  # the caller of the function that warns
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def supcon_loss(

@@ -5,6 +5,7 @@ Every CPU backend must give the reference's result, or the same clear error."""
 
 import fractions
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -144,3 +145,44 @@ def test_clce_labels_outside_the_classes_are_refused(bad):
         FC.clce_loss(x, logits, y)
     with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 3\)"):
         fastcon.CLCELoss()(x, logits, y.tolist())
+
+
+# --- the warning of a "mean" loss without a valid anchor ------------------------------------
+
+
+@pytest.fixture
+def warn_again(monkeypatch):
+    """As in a fresh process: the warning has not been shown yet."""
+    monkeypatch.setattr(FC, "_WARNED_NO_VALID_ANCHOR", False)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", sorted(LOSS_FNS) + ["clce"])
+def test_mean_without_a_valid_anchor_warns_once_per_process(warn_again, backend, kind):
+    x = torch.randn(5, 4)
+    y = torch.arange(5)  # one view per sample, every label distinct
+
+    def loss(**kw):
+        if kind == "clce":
+            return FC.clce_loss(x, torch.randn(5, 6), y, backend=backend, **kw)
+        return LOSS_FNS[kind](x, y, backend=backend, **kw)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss(reduction="sum")
+        loss(reduction="none")
+        assert not caught  # only "mean" hides the problem behind a plausible 0.0
+        loss()
+        loss()
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert caught[0].category is UserWarning
+    assert "one view per sample and all-distinct labels" in str(caught[0].message)
+    assert caught[0].filename == __file__  # it names the caller's line
+
+
+def test_warning_only_without_a_valid_anchor_and_through_modules(warn_again):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        FC.supcon_loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 2]))
+        fastcon.SupConLoss()(torch.randn(4, 3), torch.tensor([0, 1, 2, 3]))
+    assert len(caught) == 1 and caught[0].filename == __file__  # through nn.Module too
