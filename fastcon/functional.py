@@ -59,11 +59,12 @@ def contrastive_loss(
 
 
 def _loss(build, features, labels, *, contrast_mode="all", normalize, reduction, backend, ref_features, ref_labels,
-          process_group, gather, check_more=None) -> torch.Tensor:
+          process_group, gather, check_more=None, name=None) -> torch.Tensor:
     """The loss of the definition ``build()`` builds (which checks its hyper-parameters).
 
     ``check_more(batch)``, if given, checks the caller's own arguments and returns its
-    hyper-parameters as ``(name, value)`` pairs (CLCE's ``alpha``). Every check runs before
+    hyper-parameters as ``(name, value)`` pairs (CLCE's ``alpha``); ``name`` is then the
+    caller's loss (``"clce"``), which every rank must call alike. Every check runs before
     any computation; across ranks, before the first collective, whose metadata carries each
     rank's outcome and arguments so that every rank raises the same error.
     """
@@ -89,7 +90,7 @@ def _loss(build, features, labels, *, contrast_mode="all", normalize, reduction,
     if not across_ranks:
         loss, valid = batch_loss(batch, definition, bool(normalize), reduction, backend)
     else:
-        arguments = RankArguments.of(definition, extra, gather=gather, reduction=reduction, backend=backend,
+        arguments = RankArguments.of(definition, extra, name=name, gather=gather, reduction=reduction, backend=backend,
                                      contrast_mode=contrast_mode, normalize=normalize, labelled=labels is not None)
         loss, valid = distributed_loss(features, batch, definition, arguments, error, process_group=process_group)
     if reduction == "mean":
@@ -301,7 +302,7 @@ def clce_loss(
     contrastive = _loss(
         lambda: SCHaNe(temperature, beta), features, labels, normalize=normalize, reduction=reduction,
         backend=backend, ref_features=ref_features, ref_labels=ref_labels, process_group=process_group,
-        gather=gather, check_more=check_more,
+        gather=gather, check_more=check_more, name="clce",
     )
     a = float(alpha)
     with autocast_disabled(logits.device):

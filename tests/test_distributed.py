@@ -133,6 +133,8 @@ DESYNC = {
     "two_ranks_invalid": (lambda r, g: FC.supcon_loss(_x(r), _y(r), reduction="avg" if r != 1 else "mean",
                                                       gather=g),
                           ValueError, r"^rank 0: reduction must be one of .*got 'avg'<others>$"),
+    "clce_and_schane": (lambda r, g: _clce(r, gather=g) if r == 1 else FC.schane_loss(_x(r), _y(r), gather=g),
+                        ValueError, r"^loss must be the same on every rank, got \['schane', 'clce'"),
     "clce_alpha_mismatch": (lambda r, g: _clce(r, alpha=0.3 if r == 1 else 0.5, gather=g),
                             ValueError, r"^alpha must be the same on every rank, got \[0.5, 0.3"),
     "clce_label_out_of_range": (lambda r, g: _clce(r, labels=torch.tensor([0, 3, 1]) if r == 1 else _y(r), gather=g),

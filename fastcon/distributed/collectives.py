@@ -111,7 +111,7 @@ class RankArguments:
     """The arguments of a loss call that every rank must pass alike. Each is a choice among
     ``CHOICES`` (sent as its index) or a hyper-parameter (sent as its float64 bits)."""
 
-    loss: str  # the definition's name
+    loss: str  # the definition's name, or the caller's loss that adds its own terms ("clce")
     hyper: tuple  # ((name, value), ...): the definition's hyper-parameters, then the caller's (CLCE's alpha)
     gather: object
     reduction: str
@@ -121,7 +121,7 @@ class RankArguments:
     labelled: bool
 
     CHOICES = {
-        "loss": tuple(DEFINITIONS),
+        "loss": tuple(DEFINITIONS) + ("clce",),
         "gather": (True, "ring"),
         "reduction": REDUCTIONS,
         "backend": BACKEND_NAMES,
@@ -132,11 +132,11 @@ class RankArguments:
     WHAT = {"loss": "loss", "labelled": "labels given or not"}  # how an error names a choice
 
     @classmethod
-    def of(cls, definition, extra_hyper, **choices):
+    def of(cls, definition, extra_hyper, name=None, **choices):
         """From a call's definition (None when it could not be built), the caller's own
-        hyper-parameters and the choices; unchecked values are sent as unknown (-1)."""
+        hyper-parameters and loss name and the choices; unchecked values are sent as unknown (-1)."""
         hyper = () if definition is None else tuple((f.name, getattr(definition, f.name)) for f in fields(definition))
-        return cls(loss=getattr(definition, "name", "?"), hyper=hyper + tuple(extra_hyper),
+        return cls(loss=name or getattr(definition, "name", "?"), hyper=hyper + tuple(extra_hyper),
                    **dict(choices, normalize=bool(choices["normalize"]), labelled=bool(choices["labelled"])))
 
     def codes(self) -> list:
@@ -153,6 +153,9 @@ class RankArguments:
             if len(set(got)) != 1:
                 shown = [options[c] if c >= 0 else "?" for c in got]
                 raise ValueError(f"{self.WHAT.get(name, name)} must be the same on every rank, got {shown} by rank")
+        if len(set(table[:, len(self.CHOICES)].tolist())) != 1:  # only a new loss left out of CHOICES gets here
+            raise ValueError(f"every rank must call the same loss, got {table[:, len(self.CHOICES)].tolist()} "
+                             "hyper-parameters by rank")
         bits = table[:, len(self.CHOICES) + 1:].contiguous()
         values = bits.view(torch.float64)
         for k, (name, _) in enumerate(self.hyper):
