@@ -10,7 +10,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastcon
 import fastcon.functional as FC
