@@ -96,6 +96,22 @@ def test_cpu_autocast_changes_neither_dtype_nor_value(backend, kind, reduction):
     assert torch.equal(x_auto.grad, x_plain.grad)
 
 
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS[1:])
+@pytest.mark.parametrize("kind", sorted(LOSS_FNS))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fast_backends_gradient_inside_autocast_is_unchanged(backend, kind, reduction):
+    # a backward inside the autocast region too (PyTorch advises against it; the reference's
+    # autograd then runs its matrix products in bfloat16, the fast backends do not)
+    torch.manual_seed(1)
+    x = torch.randn(16, 2, 32)
+    y = torch.randint(0, 4, (16,))
+    x_plain, x_auto = x.clone().requires_grad_(), x.clone().requires_grad_()
+    LOSS_FNS[kind](x_plain, y, reduction=reduction, backend=backend).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        LOSS_FNS[kind](x_auto, y, reduction=reduction, backend=backend).sum().backward()
+    assert torch.equal(x_auto.grad, x_plain.grad)
+
 # --- hyper-parameter types ------------------------------------------------------------------
 
 

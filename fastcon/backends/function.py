@@ -115,7 +115,8 @@ class _Rows(torch.autograd.Function):
         features, ref = ctx.saved_tensors
         if grad_rows is None:
             return None, None, None, None, None, None, None, None
-        grad_f, grad_r = engine.rows_backward(prep, definition, stats, grad_rows.contiguous(), need_f, need_r)
+        with autocast_disabled(features.device):  # a backward run inside an autocast region
+            grad_f, grad_r = engine.rows_backward(prep, definition, stats, grad_rows.contiguous(), need_f, need_r)
         return (_guarded(grad_f, features, ctx.backend), _guarded(grad_r, ref, ctx.backend),
                 None, None, None, None, None, None)
 
