@@ -28,8 +28,10 @@ def batch_loss(batch: Batch, definition, normalize: bool, reduction: str, backen
 
 def autocast_disabled(device: torch.device):
     """A context without autocast on ``device``'s type: the losses choose their own
-    precision (float32 accumulation, float32 loss), whatever autocast the caller runs under."""
-    if torch.amp.is_autocast_available(device.type):
+    precision (float32 accumulation, float32 loss), whatever autocast the caller runs under.
+    Eager only: with this region in a ``torch.compile`` graph, SCHaNe's compiled blockwise
+    gradients differed from the eager ones (torch 2.14), so compiled code is left as traced."""
+    if torch.amp.is_autocast_available(device.type) and not torch.compiler.is_compiling():
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
