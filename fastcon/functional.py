@@ -79,8 +79,8 @@ def _loss(build, features, labels, *, contrast_mode="all", normalize, reduction,
         check_choice("backend", backend, backends.NAMES)
         batch = check_batch(features, labels, contrast_mode=contrast_mode, ref_features=ref_features,
                             ref_labels=ref_labels, allow_empty=across_ranks)
-        engine = backend if not (gather == "ring" and backend == "reference") else "blockwise"
-        backends.resolve(engine, batch.features.device)  # an unavailable backend fails here, not mid-way
+        runs = backend if not (gather == "ring" and backend == "reference") else "blockwise"
+        chosen = backends.resolve(runs, batch.features.device)  # an unavailable backend fails here, not mid-way
         extra = tuple(check_more(batch)) if check_more is not None else ()
         error = None
     except Exception as exc:  # noqa: BLE001 - raised below, on every rank alike
@@ -93,7 +93,7 @@ def _loss(build, features, labels, *, contrast_mode="all", normalize, reduction,
         arguments = RankArguments.of(definition, extra, name=name, gather=gather, reduction=reduction, backend=backend,
                                      contrast_mode=contrast_mode, normalize=normalize, labelled=labels is not None)
         loss, valid = distributed_loss(features, batch, definition, arguments, error, process_group=process_group)
-    if reduction == "mean":
+    if reduction == "mean" and chosen.runs_on(torch.device("cpu")):
         _warn_if_no_valid_anchor(valid)
     return loss
 
@@ -102,8 +102,8 @@ _WARNED_NO_VALID_ANCHOR = False
 
 
 def _warn_if_no_valid_anchor(valid: torch.Tensor) -> None:
-    """Warn, once per process, that a "mean" loss had no valid anchor. Only for CPU tensors:
-    on a GPU, testing the count would wait for the device at every step."""
+    """Warn, once per process, that a "mean" loss had no valid anchor. Only for CPU tensors on
+    a CPU backend: on a GPU, testing the count would wait for the device at every step."""
     global _WARNED_NO_VALID_ANCHOR
     if _WARNED_NO_VALID_ANCHOR or valid.device.type != "cpu" or torch.compiler.is_compiling():
         return
