@@ -7,6 +7,7 @@ argument is reported before heavy work starts.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,20 +18,27 @@ REDUCTIONS = ("mean", "sum", "none")
 CONTRAST_MODES = ("all", "one")
 
 
-def check_positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def check_real(name: str, value) -> float:
+    """``value`` as a float: any real number (``int``, ``float``, ``numpy.float32``,
+    ``fractions.Fraction``, ...) but not a bool or a tensor (a tensor hyper-parameter would
+    be read on the host at every call)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_positive(name: str, value: float) -> float:
+    value = check_real(name, value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
+    return value
 
 
 def check_finite(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = check_real(name, value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
+    return value
 
 
 def check_nonnegative(name: str, value: float) -> float:
@@ -69,6 +77,8 @@ def _check_labels(name: str, labels, expected: int, device: torch.device, what: 
             labels = torch.as_tensor(labels)
         except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
             raise TypeError(f"{name} must be an integer tensor, got {type(labels).__name__}") from exc
+    if labels.is_meta and device.type != "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no values; pass them on {device}")
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"{name} must hold integers (class indices), got dtype {labels.dtype}")
     if labels.dim() != 1:

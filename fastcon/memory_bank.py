@@ -20,6 +20,7 @@ from torch import nn
 
 from .inputs import FLOAT_DTYPES, flatten_features
 from .distributed import all_gather_rows, group_rank_and_size
+from .distributed.collectives import exchange_checks
 
 
 class MemoryBank(nn.Module):
@@ -80,9 +81,60 @@ class MemoryBank(nn.Module):
 
         With ``gather=True`` under an initialised process group, the rows of every rank are
         appended (in rank order) on every rank, as MoCo does with its keys, so all ranks
-        hold the same bank.
+        hold the same bank. If one rank's rows fail a check, every rank raises the same error
+        and no bank changes.
         """
-        if features.dim() == 2 and labels is None:
+        info = group_rank_and_size(process_group) if gather else None
+        try:
+            flat, y, has_labels = self._checked(features, labels)
+            error = None
+        except (TypeError, ValueError) as exc:
+            if info is None or info[1] == 1:
+                raise
+            flat = y = has_labels = None
+            error = exc
+        if info is not None and info[1] > 1:
+            device = self.queue.device
+            mine = [0, 0] if flat is None else [flat.shape[0], has_labels]
+            table = exchange_checks(mine, error, process_group, info[1], device)
+            sizes, labelled = table[:, 0].tolist(), table[:, 1].tolist()
+            if len(set(labelled)) != 1:
+                raise ValueError(f"labels must be given on every rank or on none, got labels by rank: {labelled}")
+            flat, y = all_gather_rows(flat, sizes, process_group), all_gather_rows(y, sizes, process_group)
+        self.labelled.fill_(has_labels)
+        if flat.shape[0] > self.capacity:  # only the newest rows survive
+            flat, y = flat[-self.capacity:], y[-self.capacity:]
+        n = flat.shape[0]
+        start = int(self.write_index)
+        first = min(n, self.capacity - start)
+        self.queue[start:start + first] = flat[:first]
+        self.queue_labels[start:start + first] = y[:first]
+        self.queue[: n - first] = flat[first:]  # wrap around to the front
+        self.queue_labels[: n - first] = y[first:]
+        self.write_index.fill_((start + n) % self.capacity)
+        self.size.fill_(min(self.capacity, int(self.size) + n))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Refuse a saved state that no bank of this capacity can hold, before it is loaded
+        (an oversized ``size`` would otherwise fail at the next read or push)."""
+        def saved(name):
+            value = state_dict.get(prefix + name)
+            return None if value is None or value.numel() != 1 else int(value)
+
+        size, index, labelled = saved("size"), saved("write_index"), saved("labelled")
+        if size is not None and not 0 <= size <= self.capacity:
+            raise ValueError(f"MemoryBank state: size must lie in [0, capacity = {self.capacity}], got {size}")
+        if index is not None and not 0 <= index < self.capacity:
+            raise ValueError(f"MemoryBank state: write_index must lie in [0, capacity = {self.capacity}), got {index}")
+        if labelled is not None and labelled not in (-1, 0, 1):
+            raise ValueError(f"MemoryBank state: labelled must be -1, 0 or 1, got {labelled}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _checked(self, features, labels):
+        """``(rows [n, dim] in the bank's dtype and device, labels [n] (-1: unlabelled), 1 if labelled)``."""
+        if isinstance(features, torch.Tensor) and features.dim() == 2 and labels is None:
             flat, y = features, None
         else:
             flat, y, _, _ = flatten_features(features, labels)
@@ -99,21 +151,7 @@ class MemoryBank(nn.Module):
         flat = flat.detach().to(device=self.queue.device, dtype=self.queue.dtype)
         if y is None:
             y = torch.full((flat.shape[0],), -1, dtype=torch.int64, device=flat.device)
-        y = y.to(self.queue_labels.device)
-        if gather:
-            flat, y = _gather_all_ranks(flat, y, process_group)
-        self.labelled.fill_(has_labels)
-        if flat.shape[0] > self.capacity:  # only the newest rows survive
-            flat, y = flat[-self.capacity:], y[-self.capacity:]
-        n = flat.shape[0]
-        start = int(self.write_index)
-        first = min(n, self.capacity - start)
-        self.queue[start:start + first] = flat[:first]
-        self.queue_labels[start:start + first] = y[:first]
-        self.queue[: n - first] = flat[first:]  # wrap around to the front
-        self.queue_labels[: n - first] = y[first:]
-        self.write_index.fill_((start + n) % self.capacity)
-        self.size.fill_(min(self.capacity, int(self.size) + n))
+        return flat, y.to(self.queue_labels.device), has_labels
 
     def reset(self) -> None:
         """Forget every stored row."""
@@ -123,12 +161,3 @@ class MemoryBank(nn.Module):
 
     def extra_repr(self) -> str:
         return f"capacity={self.capacity}, dim={self.dim}, size={len(self)}, dtype={self.queue.dtype}"
-
-
-def _gather_all_ranks(rows: torch.Tensor, labels: torch.Tensor, process_group):
-    info = group_rank_and_size(process_group)
-    if info is None or info[1] == 1:
-        return rows, labels
-    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
-    sizes = all_gather_rows(count, [1] * info[1], process_group).tolist()
-    return all_gather_rows(rows, sizes, process_group), all_gather_rows(labels, sizes, process_group)

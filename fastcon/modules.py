@@ -126,14 +126,15 @@ class FocalSupConLoss(_ContrastiveLoss):
                          reduction=reduction, backend=backend, process_group=process_group, gather=gather)
 
 
-class CLCELoss(_LossModule):
-    """CLCE: ``alpha * SCHaNe + (1 - alpha) * cross-entropy``; see :func:`fastcon.functional.clce_loss`."""
+class CLCELoss(_ContrastiveLoss):
+    """CLCE: ``alpha * SCHaNe + (1 - alpha) * cross-entropy``; see :func:`fastcon.functional.clce_loss`
+    (which says how ``reduction`` combines the two terms)."""
 
     beta = HyperParameter()
 
     def __init__(self, alpha: float = 0.5, temperature: float = 0.07, beta: float = 1.0, normalize: bool = True,
-                 backend: str = "auto", process_group=None, gather=False):
-        super().__init__(SCHaNe(temperature, beta), normalize=normalize, backend=backend,
+                 reduction: str = "mean", backend: str = "auto", process_group=None, gather=False):
+        super().__init__(SCHaNe(temperature, beta), normalize=normalize, reduction=reduction, backend=backend,
                          process_group=process_group, gather=gather)
         self.alpha = check_unit_interval("alpha", alpha)
 

@@ -67,6 +67,59 @@ def test_clce_gradients_match_reference():
         torch.testing.assert_close(g[1], grads[0][1], rtol=1e-12, atol=1e-12)
 
 
+
+def _clce_dense(x, logits, y, alpha, reduction):
+    """CLCE from SCHaNe's dense per-anchor losses and a per-row cross-entropy (clce_loss's docstring)."""
+    schane = FC.schane_loss(x, y, temperature=0.3, beta=0.5, reduction="none", backend="reference")
+    valid = FC.schane_loss(x, y, temperature=0.3, beta=0.5, reduction="sum", backend="reference") / \
+        FC.schane_loss(x, y, temperature=0.3, beta=0.5, reduction="mean", backend="reference")
+    if logits.dim() == 3:  # anchor v*B + b has logits[b, v]
+        rows = torch.cat([logits[:, v] for v in range(logits.shape[1])])
+        ce = F.cross_entropy(rows, y.repeat(logits.shape[1]), reduction="none")
+    else:  # anchor v*B + b (or n) has logits[b] (or logits[n])
+        views = x.shape[1] if x.dim() == 3 else 1
+        ce = F.cross_entropy(logits, y, reduction="none").repeat(views)
+    if reduction == "none":
+        return alpha * schane + (1 - alpha) * ce
+    if reduction == "sum":
+        return alpha * schane.sum() + (1 - alpha) * ce.sum()
+    return alpha * schane.sum() / valid + (1 - alpha) * ce.mean()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", ["bvc", "bc", "nc"])
+def test_clce_reductions_match_the_dense_computation(backend, reduction, shape):
+    torch.manual_seed(7)
+    b, v, c = 7, 3, 4
+    x = torch.randn(b, v, 5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 0, 2, 3, 1, 1])  # class 2 and 3 singletons: with [N, D] some anchors are invalid
+    logits = {"bvc": torch.randn(b, v, c), "bc": torch.randn(b, c), "nc": torch.randn(b, c)}[shape]
+    logits = logits.to(torch.float64)
+    if shape == "nc":
+        x = x[:, 0]
+    xx, ll = x.clone().requires_grad_(), logits.clone().requires_grad_()
+    got = FC.clce_loss(xx, ll, y, alpha=0.3, temperature=0.3, beta=0.5, reduction=reduction, backend=backend)
+    xr, lr = x.clone().requires_grad_(), logits.clone().requires_grad_()
+    want = _clce_dense(xr, lr, y, 0.3, reduction)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    upstream = torch.rand(want.shape, dtype=torch.float64)
+    (got * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    torch.testing.assert_close(xx.grad, xr.grad, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(ll.grad, lr.grad, rtol=1e-10, atol=1e-12)
+    module = CLCELoss(alpha=0.3, temperature=0.3, beta=0.5, reduction=reduction, backend=backend)
+    assert torch.equal(module(x, logits, y), got.detach())
+    assert "reduction=" + repr(reduction) in repr(module)
+
+
+def test_clce_reduction_is_checked():
+    _err(ValueError, "reduction must be one of", FC.clce_loss, torch.randn(4, 2, 3), torch.randn(4, 3),
+         torch.tensor([0, 1, 0, 1]), reduction="avg")
+    _err(ValueError, "reduction must be one of", CLCELoss, reduction="avg")
+
+
 # --- docs/semantics.md edge cases ---------------------------------------------------------------
 
 

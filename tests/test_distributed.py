@@ -17,7 +17,9 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import re
 import socket
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -73,8 +75,8 @@ DIST_CASES = [
     DistCase("schane_rows_singletons", "schane", v=None, num_classes=6),
     DistCase("focal_v2", "focal"),
     DistCase("focal_v3", "focal", v=3, num_classes=4),
-    DistCase("clce_v2", "clce", reductions=("mean",)),
-    DistCase("clce_rows", "clce", v=None, num_classes=4, reductions=("mean",)),
+    DistCase("clce_v2", "clce"),
+    DistCase("clce_rows", "clce", v=None, num_classes=4),
 ]
 
 CHECKS = [f"{c.name}-{r}-{m}" for c in DIST_CASES for r in c.reductions for m in MODES]
@@ -84,6 +86,71 @@ CHECKS += ["memory_bank_push_gather"]
 CHECKS += [f"empty_rank_{k}-{g}" for k in ("supcon", "clce") for g in ("gather", "ring")]
 CHECKS += ["dtype_mismatch", "feature_size_mismatch", "engine_dtype_under_gather"]
 WORLDS = [2, 3]
+JOIN_TIMEOUT_S = 300  # a spawn whose ranks are not all done by then is killed: no check can hang the suite
+
+
+def _x(rank, d=5):
+    return torch.randn(3, 2, d, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+
+
+def _y(rank):
+    return torch.tensor([0, 1, rank % 2])
+
+
+def _clce(rank, **kw):
+    logits = kw.pop("logits", torch.randn(3, 3, dtype=torch.float64))
+    return FC.clce_loss(_x(rank), logits, kw.pop("labels", _y(rank)), **kw)
+
+
+# Arguments that fail a check on one rank, or differ between ranks: every rank must raise the
+# same error (type and message) before any other collective, and the group must stay usable.
+# name: (call(rank, gather), error type, message pattern)
+DESYNC = {
+    "backend_unavailable": (lambda r, g: FC.supcon_loss(_x(r), _y(r), backend="triton" if r == 1 else "auto",
+                                                        gather=g),
+                            RuntimeError, r"^rank 1: backend='triton' (is not available|runs on cuda)"),
+    "backend_mismatch": (lambda r, g: FC.supcon_loss(_x(r), _y(r), backend="reference" if r == 1 else "blockwise",
+                                                     gather=g),
+                         ValueError, r"^backend must be the same on every rank, got \['blockwise', 'reference'"),
+    "gather_mismatch": (lambda r, g: FC.supcon_loss(_x(r), _y(r), gather=True if r == 0 else "ring"),
+                        ValueError, r"^gather must be the same on every rank, got \[True, 'ring'"),
+    "reduction_mismatch": (lambda r, g: FC.supcon_loss(_x(r), _y(r), reduction="sum" if r == 1 else "mean",
+                                                       gather=g),
+                           ValueError, r"^reduction must be the same on every rank, got \['mean', 'sum'"),
+    "reduction_invalid": (lambda r, g: FC.supcon_loss(_x(r), _y(r), reduction="avg" if r == 1 else "mean",
+                                                      gather=g),
+                          ValueError, r"^rank 1: reduction must be one of 'mean', 'sum', 'none', got 'avg'$"),
+    "loss_mismatch": (lambda r, g: (FC.schane_loss if r == 1 else FC.supcon_loss)(_x(r), _y(r), gather=g),
+                      ValueError, r"^loss must be the same on every rank, got \['supcon', 'schane'"),
+    "temperature_mismatch": (lambda r, g: FC.focal_supcon_loss(_x(r), _y(r), temperature=0.1 if r == 1 else 0.2,
+                                                               gather=g),
+                             ValueError, r"^temperature must be the same on every rank, got \[0.2, 0.1"),
+    "temperature_invalid": (lambda r, g: fastcon.SupConLoss(gather=g)(_x(r), _y(r)) if r != 1 else
+                            FC.supcon_loss(_x(r), _y(r), temperature=-1.0, gather=g),
+                            ValueError, r"^rank 1: temperature must be a finite number > 0, got -1.0$"),
+    "contrast_mode_mismatch": (lambda r, g: FC.supcon_loss(_x(r), _y(r), contrast_mode="one" if r == 1 else "all",
+                                                           gather=g),
+                               ValueError, r"^contrast_mode must be the same on every rank"),
+    "labels_invalid": (lambda r, g: FC.supcon_loss(_x(r), _y(r)[:2] if r == 1 else _y(r), gather=g),
+                       ValueError, r"^rank 1: labels has 2 entries but the batch size B"),
+    "two_ranks_invalid": (lambda r, g: FC.supcon_loss(_x(r), _y(r), reduction="avg" if r != 1 else "mean",
+                                                      gather=g),
+                          ValueError, r"^rank 0: reduction must be one of .*got 'avg'<others>$"),
+    "clce_and_schane": (lambda r, g: _clce(r, gather=g) if r == 1 else FC.schane_loss(_x(r), _y(r), gather=g),
+                        ValueError, r"^loss must be the same on every rank, got \['schane', 'clce'"),
+    "clce_alpha_mismatch": (lambda r, g: _clce(r, alpha=0.3 if r == 1 else 0.5, gather=g),
+                            ValueError, r"^alpha must be the same on every rank, got \[0.5, 0.3"),
+    "clce_label_out_of_range": (lambda r, g: _clce(r, labels=torch.tensor([0, 3, 1]) if r == 1 else _y(r), gather=g),
+                                ValueError, r"^rank 1: labels must be class indices in \[0, 3\)"),
+    "clce_logits_invalid": (lambda r, g: _clce(r, logits=torch.randn(4, 3) if r == 1 else torch.randn(3, 3),
+                                               gather=g),
+                            ValueError, r"^rank 1: logits \[B, C\] must have B = 3 rows"),
+    "clce_reduction_mismatch": (lambda r, g: _clce(r, reduction="none" if r == 1 else "mean", gather=g),
+                                ValueError, r"^reduction must be the same on every rank"),
+}
+DESYNC_CHECKS = [f"desync_{name}-{g}" for name in DESYNC for g in ("gather", "ring")]
+DESYNC_CHECKS += ["desync_memory_bank_dim"]
+CHECKS += DESYNC_CHECKS
 
 
 def _global_inputs(case: DistCase, sizes, seed):
@@ -113,8 +180,8 @@ def _anchor_index(case: DistCase, sizes, rank):
 
 def _loss(case: DistCase, feats, labels, ref, ref_labels, logits, *, reduction, backend, **dist_kwargs):
     if case.kind == "clce":
-        return FC.clce_loss(feats, logits, labels, alpha=0.3, temperature=0.2, beta=0.7, backend=backend,
-                            ref_features=ref, ref_labels=ref_labels, **dist_kwargs)
+        return FC.clce_loss(feats, logits, labels, alpha=0.3, temperature=0.2, beta=0.7, reduction=reduction,
+                            backend=backend, ref_features=ref, ref_labels=ref_labels, **dist_kwargs)
     fn, kwargs = loss_fn(case.kind)
     if case.contrast_mode != "all":
         kwargs["contrast_mode"] = case.contrast_mode
@@ -281,6 +348,51 @@ def _check_engine_dtype(rank, world):
     assert REGISTRY["triton"].engine(torch.bfloat16).dot_dtype == torch.bfloat16
 
 
+def _check_desync(name, gather, rank, world):
+    """Every rank raises the same error, then a correct call on every rank gives the
+    single-process loss (nothing was left half-done in the group)."""
+    call, kind, pattern = DESYNC[name]
+    if name == "backend_unavailable" and fastcon.backends.triton_interpreted():
+        return  # the Triton interpreter runs the triton backend on CPU: nothing fails
+    try:
+        call(rank, gather)
+    except Exception as exc:  # noqa: BLE001 - compared below
+        error = (type(exc).__name__, str(exc))
+    else:
+        error = None
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    assert error is not None, f"no error on rank {rank}; errors by rank: {errors}"
+    assert len(set(errors)) == 1, f"ranks raised different errors: {errors}"
+    others = r" \(and on rank\(s\) \[2\]\)" if world == 3 else ""  # ranks 0 and 2 fail "two_ranks_invalid"
+    assert error[0] == kind.__name__ and re.search(pattern.replace("<others>", others), error[1]), error
+    x = torch.cat([_x(r) for r in range(world)])
+    y = torch.cat([_y(r) for r in range(world)])
+    want = FC.supcon_loss(x, y, backend="reference")
+    got = FC.supcon_loss(_x(rank), _y(rank), gather=gather)
+    _close(fastcon.distributed.all_reduce_sum(got) / world, want, "loss after the error", "loss")
+
+
+def _check_memory_bank_dim(rank, world):
+    """A rank pushing rows of the wrong size into a gathering bank raises; so does every other
+    rank, with the same error, and no rank's bank changes."""
+    bank = fastcon.MemoryBank(capacity=10, dim=3)
+    rows = torch.randn(2, 4 if rank == 1 else 3)
+    try:
+        bank.push(rows, torch.tensor([0, 1]), gather=True)
+    except ValueError as exc:
+        error = str(exc)
+    else:
+        error = None
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    assert error is not None and len(set(errors)) == 1, errors
+    assert error.startswith("rank 1: features have 4 columns but the bank stores rows of size 3"), error
+    assert len(bank) == 0
+    bank.push(torch.randn(2, 3), torch.tensor([0, 1]), gather=True)
+    assert len(bank) == 2 * world
+
+
 def _check_memory_bank_gather(rank, world):
     sizes = RANK_SIZES[world]
     rows = torch.arange(sum(sizes) * 3, dtype=torch.float32).reshape(-1, 3)
@@ -322,6 +434,10 @@ def _worker(rank, world, port, out_dir):
         run("dtype_mismatch", _check_mismatch, "dtype", rank, world)
         run("feature_size_mismatch", _check_mismatch, "size", rank, world)
         run("engine_dtype_under_gather", _check_engine_dtype, rank, world)
+        for name in DESYNC:
+            for label, gather in (("gather", True), ("ring", "ring")):
+                run(f"desync_{name}-{label}", _check_desync, name, gather, rank, world)
+        run("desync_memory_bank_dim", _check_memory_bank_dim, rank, world)
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(outcome, f)
@@ -339,6 +455,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn_with_deadline(world, out_dir):
+    """Run the workers; kill them if they are not all done within ``JOIN_TIMEOUT_S``."""
+    context = mp.start_processes(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False)
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            return
+
+
 _OUTCOMES = {}
 
 
@@ -346,10 +474,13 @@ def _outcomes(world, tmp_path_factory):
     """Run every check once per world size; ``{check: [failure messages of the ranks]}``."""
     if world not in _OUTCOMES:
         out_dir = str(tmp_path_factory.mktemp(f"world{world}"))
-        mp.spawn(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=True)
+        _spawn_with_deadline(world, out_dir)
         merged = {}
         for rank in range(world):
-            with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+            path = os.path.join(out_dir, f"rank{rank}.json")
+            if not os.path.exists(path):
+                continue  # killed at the deadline: its checks count as not run
+            with open(path) as f:
                 for name, result in json.load(f).items():
                     merged.setdefault(name, [])
                     if result != "ok":

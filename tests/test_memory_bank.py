@@ -101,3 +101,30 @@ def test_loss_from_bank_equals_loss_with_ref_features(labelled):
     want = FC.supcon_loss(x, y, ref_features=ref, ref_labels=old_labels.repeat(2) if labelled else None,
                           backend="reference")
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("size", 10, r"size must lie in \[0, capacity = 4\], got 10"),
+    ("size", -1, r"size must lie in \[0, capacity = 4\], got -1"),
+    ("write_index", 4, r"write_index must lie in \[0, capacity = 4\), got 4"),
+    ("labelled", 2, "labelled must be -1, 0 or 1, got 2"),
+])
+def test_state_dict_that_no_bank_of_this_capacity_holds_is_refused_at_load(key, value, match):
+    bank = fastcon.MemoryBank(capacity=4, dim=3)
+    bank.push(rows(0, 2), torch.tensor([0, 1]))
+    state = bank.state_dict()
+    state[key] = torch.tensor(value)
+    fresh = fastcon.MemoryBank(capacity=4, dim=3)
+    with pytest.raises(ValueError, match=match):
+        fresh.load_state_dict(state)
+    assert len(fresh) == 0  # nothing was loaded
+
+
+def test_state_dict_round_trip_of_a_full_bank():
+    bank = fastcon.MemoryBank(capacity=4, dim=3)
+    bank.push(rows(0, 6), torch.arange(6))  # wrapped: size 4, write_index 2
+    fresh = fastcon.MemoryBank(capacity=4, dim=3)
+    fresh.load_state_dict(bank.state_dict())
+    assert torch.equal(fresh.features, bank.features) and torch.equal(fresh.labels, bank.labels)
+    fresh.push(rows(6, 1), torch.tensor([6]))
+    assert sorted(fresh.labels.tolist()) == [3, 4, 5, 6]

@@ -11,6 +11,8 @@ per call); under ``torch.compile`` the same engine methods run as the custom ope
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..inputs import Batch
@@ -20,6 +22,21 @@ def batch_loss(batch: Batch, definition, normalize: bool, reduction: str, backen
     """``(loss, valid)`` of a batch on one device with the backend named ``backend`` ("auto"
     included), reduced as ``reduction`` says; ``valid`` is the per-anchor validity mask, or
     (scalar reductions on a fast backend) the number of valid anchors."""
+    with autocast_disabled(batch.features.device):
+        return _batch_loss(batch, definition, normalize, reduction, backend)
+
+
+def autocast_disabled(device: torch.device):
+    """A context without autocast on ``device``'s type: the losses choose their own
+    precision (float32 accumulation, float32 loss), whatever autocast the caller runs under.
+    Eager only: with this region in a ``torch.compile`` graph, SCHaNe's compiled blockwise
+    gradients differed from the eager ones (torch 2.14), so compiled code is left as traced."""
+    if torch.amp.is_autocast_available(device.type) and not torch.compiler.is_compiling():
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _batch_loss(batch: Batch, definition, normalize: bool, reduction: str, backend: str):
     from . import reference, resolve
 
     chosen = resolve(backend, batch.features.device)
@@ -100,7 +117,8 @@ class _Rows(torch.autograd.Function):
         features, ref = ctx.saved_tensors
         if grad_rows is None:
             return None, None, None, None, None, None, None, None
-        grad_f, grad_r = engine.rows_backward(prep, definition, stats, grad_rows.contiguous(), need_f, need_r)
+        with autocast_disabled(features.device):  # a backward run inside an autocast region
+            grad_f, grad_r = engine.rows_backward(prep, definition, stats, grad_rows.contiguous(), need_f, need_r)
         return (_guarded(grad_f, features, ctx.backend), _guarded(grad_r, ref, ctx.backend),
                 None, None, None, None, None, None)
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from ..backends.function import batch_loss
-from ..inputs import Batch, check_batch
+from ..backends.function import autocast_disabled, batch_loss
+from ..inputs import Batch
 from .collectives import (
+    RankArguments,
     RankLayout,
     all_gather_rows,
     all_gather_rows_with_grad,
@@ -42,20 +43,17 @@ def check_gather(gather, process_group) -> None:
         raise ValueError("process_group is only used with gather=True; pass gather=True to contrast across ranks")
 
 
-def _local_batch(features, labels, contrast_mode, ref_features, ref_labels, process_group):
-    """This rank's batch with labels made global, and the :class:`RankLayout`."""
+def _global_layout(features, batch: Batch, arguments: RankArguments, error, process_group):
+    """Every rank's description and outcome of its checks (one all-gather; raises the same
+    error on every rank if any rank failed or the ranks disagree), then the labels made global
+    and the :class:`RankLayout`."""
     rank, world = group_rank_and_size(process_group)
     device = features.device if isinstance(features, torch.Tensor) else torch.device("cpu")
-    try:
-        batch, error = check_batch(features, labels, contrast_mode=contrast_mode, ref_features=ref_features,
-                                   ref_labels=ref_labels, allow_empty=True), None
-    except (TypeError, ValueError) as exc:
-        batch, error = None, exc
-    cols = describe_ranks(features, batch, error, labels is not None, process_group, world, device)
-    if labels is None:  # instance discrimination: the sample index must be unique across ranks
+    cols = describe_ranks(features, batch, error, arguments, process_group, world, device)
+    if not arguments.labelled:  # instance discrimination: the sample index must be unique across ranks
         batch.labels = batch.labels + sum(cols["samples"][:rank])
     all_labels = all_gather_rows(batch.labels, cols["rows"], process_group)
-    return batch, RankLayout(rank, world, cols["rows"], cols["samples"], all_labels)
+    return RankLayout(rank, world, cols["rows"], cols["samples"], all_labels)
 
 
 def gathered_batch(batch: Batch, layout: RankLayout, process_group) -> Batch:
@@ -73,32 +71,34 @@ def gathered_batch(batch: Batch, layout: RankLayout, process_group) -> Batch:
     return Batch(batch.features, batch.labels, ref, ref_y, batch.num_anchors)
 
 
-def distributed_loss(features, labels=None, *, definition, contrast_mode="all", normalize=True, reduction="mean",
-                     backend="auto", ref_features=None, ref_labels=None, process_group=None, gather=True):
-    """Any loss with every rank's rows in the contrast set; see the module docstring for the
-    scaling of the returned value under DDP."""
-    info = group_rank_and_size(process_group)
-    if info is None or info[1] == 1:
-        batch = check_batch(features, labels, contrast_mode=contrast_mode, ref_features=ref_features,
-                            ref_labels=ref_labels)
-        return batch_loss(batch, definition, bool(normalize), reduction, backend)[0]
-    batch, layout = _local_batch(features, labels, contrast_mode, ref_features, ref_labels, process_group)
-    if gather == "ring":
-        _, engine = backends.engine_for(backend if backend != "reference" else "blockwise",
-                                        batch.features.device, batch.features.dtype)
-        row_loss, valid = ring_row_losses(batch, layout, definition, bool(normalize), engine, process_group)
+def distributed_loss(features, batch, definition, arguments: RankArguments, error=None, *, process_group=None):
+    """``(loss, number of valid anchors of every rank)`` with every rank's rows in the contrast
+    set; see the module docstring for the scaling of the returned value under DDP.
+
+    ``batch`` and ``definition`` are this rank's checked call (:func:`fastcon.inputs.check_batch`
+    with ``allow_empty=True``), None where its checks raised ``error``: the first collective
+    tells every rank, and every rank raises the same error. ``arguments`` are what the ranks
+    must pass alike.
+    """
+    layout = _global_layout(features, batch, arguments, error, process_group)
+    normalize, reduction = arguments.normalize, arguments.reduction
+    if arguments.gather == "ring":
+        backend = arguments.backend if arguments.backend != "reference" else "blockwise"
+        _, engine = backends.engine_for(backend, batch.features.device, batch.features.dtype)
+        with autocast_disabled(batch.features.device):
+            row_loss, valid = ring_row_losses(batch, layout, definition, normalize, engine, process_group)
         if reduction == "none":
-            return row_loss
+            return row_loss, valid
         total = row_loss.sum()
     else:
         batch = gathered_batch(batch, layout, process_group)
         if reduction == "none":
-            return batch_loss(batch, definition, bool(normalize), "none", backend)[0]
-        total, valid = batch_loss(batch, definition, bool(normalize), "sum", backend)
+            return batch_loss(batch, definition, normalize, "none", arguments.backend)
+        total, valid = batch_loss(batch, definition, normalize, "sum", arguments.backend)
     n_valid = all_reduce_sum(valid.sum(), process_group)
     if reduction == "sum":
-        return total * layout.world
-    return total * layout.world / n_valid.clamp(min=1).to(total.dtype)
+        return total * layout.world, n_valid
+    return total * layout.world / n_valid.clamp(min=1).to(total.dtype), n_valid
 
 
 def rescale_local_sum(local_sum: torch.Tensor, num_rows: int, process_group=None) -> torch.Tensor:
@@ -134,4 +134,4 @@ def global_loss_value(loss: torch.Tensor, process_group=None) -> torch.Tensor:
 
 
 __all__ = ["check_gather", "global_loss_value", "distributed_loss", "rescale_local_sum", "all_gather_rows",
-           "all_gather_rows_with_grad", "all_reduce_sum", "group_rank_and_size", "RankLayout"]
+           "all_gather_rows_with_grad", "all_reduce_sum", "group_rank_and_size", "RankArguments", "RankLayout"]

@@ -1,20 +1,24 @@
 """Collectives and the rank layout of the distributed losses.
 
 Every call starts with one small all-gather of each rank's batch description (sizes, views,
-feature size, dtype, whether its input was valid), so that every rank sees the same table:
-a mismatch raises the same error on every rank, an invalid input on one rank raises there
-and a clear error on the others, and a rank with an empty batch takes part with no rows.
+feature size, dtype), the outcome of its argument checks and the arguments every rank must
+pass alike (loss, hyper-parameters, ``gather``, ``reduction``, ``backend``, ...), so that every
+rank sees the same table before any other collective: a rank whose checks failed, or ranks
+that disagree, make every rank raise the same error, and a rank with an empty batch takes
+part with no rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
 
-from ..inputs import FLOAT_DTYPES
+from ..backends import NAMES as BACKEND_NAMES
+from ..inputs import CONTRAST_MODES, FLOAT_DTYPES, REDUCTIONS
+from ..losses import DEFINITIONS
 
 
 def group_rank_and_size(process_group=None):
@@ -77,10 +81,6 @@ def all_reduce_sum(x: torch.Tensor, process_group=None) -> torch.Tensor:
     return x
 
 
-_DTYPE_CODES = {dt: i for i, dt in enumerate(FLOAT_DTYPES)}
-_FIELDS = ("ok", "samples", "rows", "views", "dim", "ndim", "dtype", "labelled")
-
-
 @dataclass
 class RankLayout:
     """Where this rank's rows sit in the concatenated batch (rank order), and every rank's labels."""
@@ -100,37 +100,127 @@ class RankLayout:
         return self.start + self.row_counts[self.rank]
 
 
-def describe_ranks(features, batch, error, labelled: bool, process_group, world: int, device):
-    """All-gather each rank's batch description and check that the ranks agree.
+_DTYPE_CODES = {dt: i for i, dt in enumerate(FLOAT_DTYPES)}
+_SHAPE_FIELDS = ("samples", "rows", "views", "dim", "ndim", "dtype")
+_ERROR_KINDS = (RuntimeError, TypeError, ValueError)  # the type every rank raises for a rank's failed check
+MAX_HYPER = 6  # hyper-parameter slots of the metadata (focal SupCon has 3, CLCE 3)
 
-    ``batch`` is this rank's validated batch (None when validation raised ``error``).
-    Every rank raises the same error for a disagreement; the rank whose input was invalid
-    raises its own error and the others say which rank failed.
+
+@dataclass(frozen=True)
+class RankArguments:
+    """The arguments of a loss call that every rank must pass alike. Each is a choice among
+    ``CHOICES`` (sent as its index) or a hyper-parameter (sent as its float64 bits)."""
+
+    loss: str  # the definition's name, or the caller's loss that adds its own terms ("clce")
+    hyper: tuple  # ((name, value), ...): the definition's hyper-parameters, then the caller's (CLCE's alpha)
+    gather: object
+    reduction: str
+    backend: str
+    contrast_mode: str
+    normalize: bool
+    labelled: bool
+
+    CHOICES = {
+        "loss": tuple(DEFINITIONS) + ("clce",),
+        "gather": (True, "ring"),
+        "reduction": REDUCTIONS,
+        "backend": BACKEND_NAMES,
+        "contrast_mode": CONTRAST_MODES,
+        "normalize": (False, True),
+        "labelled": (False, True),
+    }
+    WHAT = {"loss": "loss", "labelled": "labels given or not"}  # how an error names a choice
+
+    @classmethod
+    def of(cls, definition, extra_hyper, name=None, **choices):
+        """From a call's definition (None when it could not be built), the caller's own
+        hyper-parameters and loss name and the choices; unchecked values are sent as unknown (-1)."""
+        hyper = () if definition is None else tuple((f.name, getattr(definition, f.name)) for f in fields(definition))
+        return cls(loss=name or getattr(definition, "name", "?"), hyper=hyper + tuple(extra_hyper),
+                   **dict(choices, normalize=bool(choices["normalize"]), labelled=bool(choices["labelled"])))
+
+    def codes(self) -> list:
+        out = [_index(getattr(self, name), options) for name, options in self.CHOICES.items()]
+        values = torch.tensor([v for _, v in self.hyper] + [0.0] * (MAX_HYPER - len(self.hyper)),
+                              dtype=torch.float64)
+        return out + [len(self.hyper)] + values.view(torch.int64).tolist()
+
+    def check_agreement(self, table: torch.Tensor) -> None:
+        """Raise the same ValueError on every rank if the ranks' codes (``table [world, n]``,
+        from :meth:`codes`) differ."""
+        for k, (name, options) in enumerate(self.CHOICES.items()):
+            got = table[:, k].tolist()
+            if len(set(got)) != 1:
+                shown = [options[c] if c >= 0 else "?" for c in got]
+                raise ValueError(f"{self.WHAT.get(name, name)} must be the same on every rank, got {shown} by rank")
+        if len(set(table[:, len(self.CHOICES)].tolist())) != 1:  # only a new loss left out of CHOICES gets here
+            raise ValueError(f"every rank must call the same loss, got {table[:, len(self.CHOICES)].tolist()} "
+                             "hyper-parameters by rank")
+        bits = table[:, len(self.CHOICES) + 1:].contiguous()
+        values = bits.view(torch.float64)
+        for k, (name, _) in enumerate(self.hyper):
+            if len(set(bits[:, k].tolist())) != 1:
+                raise ValueError(f"{name} must be the same on every rank, got {values[:, k].tolist()} by rank")
+
+
+def _index(value, options) -> int:
+    """The position of ``value`` in ``options`` (bools and strings never equal each other), or -1."""
+    for i, option in enumerate(options):
+        if type(option) is type(value) and option == value:
+            return i
+    return -1
+
+
+def exchange_checks(values: list, error, process_group, world: int, device) -> torch.Tensor:
+    """All-gather each rank's ``values`` (ints) with the outcome of its checks (``error`` None
+    when they passed): ``[world, len(values)]`` on the CPU.
+
+    If a rank's checks failed, every rank raises the same error, which names that rank and
+    carries its message (a second all-gather brings the message; the failing rank chains its
+    own exception), so that no rank is left waiting in a collective the others never reach.
     """
-    ok = batch is not None
-    shape = tuple(features.shape) if isinstance(features, torch.Tensor) else ()
-    mine = torch.tensor([
-        int(ok),
+    message = b"" if error is None else str(error).encode()
+    kind = 0 if error is None else next((i for i, k in enumerate(_ERROR_KINDS) if isinstance(error, k)), 0)
+    mine = torch.tensor([int(error is None), kind, len(message)] + list(values), dtype=torch.int64, device=device)
+    table = all_gather_rows(mine[None], [1] * world, process_group).cpu()
+    ok, kinds, lengths = (table[:, k].tolist() for k in range(3))
+    bad = [r for r, flag in enumerate(ok) if not flag]
+    if bad:
+        text = torch.tensor(list(message), dtype=torch.uint8, device=device)
+        texts = all_gather_rows(text, lengths, process_group).cpu()
+        first = bad[0]
+        start = sum(lengths[:first])
+        reason = bytes(texts[start:start + lengths[first]].tolist()).decode(errors="replace")
+        others = f" (and on rank(s) {bad[1:]})" if len(bad) > 1 else ""
+        raise _ERROR_KINDS[kinds[first]](f"rank {first}: {reason}{others}") from error
+    return table[:, 3:]
+
+
+def describe_ranks(features, batch, error, arguments: RankArguments, process_group, world: int, device):
+    """All-gather each rank's batch description, the outcome of its checks and its
+    ``arguments``, and check that the ranks agree: the first collective of a loss call.
+
+    ``batch`` is this rank's validated batch (None when its checks raised ``error``). If any
+    rank's checks failed, every rank raises that error (:func:`exchange_checks`); ranks that
+    disagree all raise the same ValueError.
+    """
+    ok = error is None
+    shape = tuple(features.shape) if ok else ()
+    mine = [
         shape[0] if ok else 0,
         batch.num_rows if ok else 0,
         shape[1] if ok and len(shape) == 3 else 0,
         shape[-1] if ok else 0,
-        len(shape) if ok else 0,
+        len(shape),
         _DTYPE_CODES.get(features.dtype, -1) if ok else -1,
-        int(labelled),
-    ], dtype=torch.int64, device=device)
-    table = all_gather_rows(mine[None], [1] * world, process_group).cpu()
-    cols = {name: table[:, i].tolist() for i, name in enumerate(_FIELDS)}
-    bad = [r for r, flag in enumerate(cols["ok"]) if not flag]
-    if bad:
-        if error is not None:
-            raise error
-        raise RuntimeError(f"the contrastive loss got invalid input on rank(s) {bad} (see the error raised there)")
-    for name, what in (("ndim", "number of dimensions"), ("views", "number of views V"), ("dim", "feature size D"),
-                       ("labelled", "labels given or not")):
+    ]
+    table = exchange_checks(mine + arguments.codes(), error, process_group, world, device)
+    cols = {name: table[:, i].tolist() for i, name in enumerate(_SHAPE_FIELDS)}
+    for name, what in (("ndim", "number of dimensions"), ("views", "number of views V"), ("dim", "feature size D")):
         if len(set(cols[name])) != 1:
             raise ValueError(f"features must have the same {what} on every rank, got {cols[name]} by rank")
     if len(set(cols["dtype"])) != 1:
         names = [str(FLOAT_DTYPES[c]).replace("torch.", "") for c in cols["dtype"]]
         raise ValueError(f"features must have the same dtype on every rank, got {names} by rank")
+    arguments.check_agreement(table[:, len(_SHAPE_FIELDS):])
     return cols

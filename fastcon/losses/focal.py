@@ -12,6 +12,7 @@ positive part, which needs it, is ``sum_P f(L)`` and ``sum_P f'(L)`` with ``L = 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +60,9 @@ class FocalSupCon(TemperatureScaled):
 
     def positive_tile(self, s, pos, dense):
         lse = dense[0]
-        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        # -inf only for an anchor without contrast rows (no positive either); a NaN or +inf
+        # from non-finite input must reach the loss, as in the reference
+        lse = torch.where(lse == -math.inf, torch.zeros_like(lse), lse)
         f, fprime = focal_terms(torch.where(pos, s - lse[:, None], torch.zeros_like(s)), self.gamma)
         zero = torch.zeros_like(s)
         return torch.stack([torch.where(pos, f, zero).sum(1), torch.where(pos, fprime, zero).sum(1)])
