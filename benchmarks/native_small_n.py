@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096, 8192])
     p.add_argument("--d", type=int, default=128)
-    p.add_argument("--samples", type=int, default=15)
+    p.add_argument("--samples", type=int, default=41)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     import fastcon.native

@@ -102,7 +102,7 @@ def flatten_features(features: torch.Tensor, labels, *, name="features", label_n
         else:
             labels = _check_labels(label_name, labels, b, features.device, f"the batch size B of {name} [B, V, D]")
         flat = flatten_rows(features) if rows else None  # row v*B + b is view v of sample b
-        return flat, (labels.repeat(v) if repeat and v > 1 else labels), b, v
+        return flat, (torch.cat([labels] * v) if repeat and v > 1 else labels), b, v
     if features.dim() == 2:
         n, d = features.shape
         if (n == 0 and not allow_empty) or d == 0:
@@ -212,6 +212,6 @@ def check_batch(
         joined = torch.cat([y] * v + [ref_y])
         y, ref_y = joined[:m], joined[m:]
     elif v > 1:
-        y = y.repeat(v)
+        y = torch.cat([y] * v)  # one copy per view (a cat costs less host time than repeat)
     num_anchors = m if contrast_mode == "all" else b
     return Batch(features, y, ref, ref_y, num_anchors)

@@ -260,9 +260,13 @@ struct SymmetricSweep {
   // A statistics pass: `acc` holds the initial accumulators and receives the merged result.
   void row_pass(T* acc, const std::vector<int64_t>& rules) const {
     const int64_t A = sw.A;
-    at::Tensor init = at::from_blob(acc, {A, kAccStride}, sw.anchors.options());
-    at::Tensor part = init.unsqueeze(0).repeat({groups, 1, 1});
-    T* partp = part.data_ptr<T>();
+    at::Tensor part;  // one group (small problems): its accumulators are acc itself
+    T* partp = acc;
+    if (groups > 1) {
+      at::Tensor init = at::from_blob(acc, {A, kAccStride}, sw.anchors.options());
+      part = init.unsqueeze(0).repeat({groups, 1, 1});
+      partp = part.data_ptr<T>();
+    }
     for_each_group([&](int64_t g, int64_t t0, int64_t t1, at::Tensor& buf, at::Tensor& buf_t) {
       T* pacc = partp + g * A * kAccStride;
       for (int64_t t = t0; t < t1; ++t) {
@@ -276,6 +280,7 @@ struct SymmetricSweep {
         }
       }
     });
+    if (groups == 1) return;
     at::parallel_for(0, A, 256, [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
         T* out = acc + i * kAccStride;

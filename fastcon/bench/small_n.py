@@ -63,7 +63,7 @@ def operators(step, n: int, d: int = 128, classes: int = 10) -> int:
     return mode.count
 
 
-def timings(n: int, d: int = 128, classes: int = 10, samples: int = 15, budget_s: float = 0.05) -> dict:
+def timings(n: int, d: int = 128, classes: int = 10, samples: int = 41, budget_s: float = 0.05) -> dict:
     """Median seconds per call of each contender, sampled interleaved."""
     features, labels = inputs(n, d, classes)
     calls = {}
@@ -83,7 +83,7 @@ def timings(n: int, d: int = 128, classes: int = 10, samples: int = 15, budget_s
     return {name: sorted(xs)[len(xs) // 2] for name, xs in per_call.items()}
 
 
-def run(sizes, d: int = 128, classes: int = 10, samples: int = 15) -> list:
+def run(sizes, d: int = 128, classes: int = 10, samples: int = 41) -> list:
     rows = []
     for n in sizes:
         t = timings(n, d, classes, samples)

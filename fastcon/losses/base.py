@@ -184,5 +184,12 @@ class TemperatureScaled(LossDefinition):
         return self.temperature / self.base_temperature
 
 
+def valid_coef(valid: torch.Tensor, weight: Optional[torch.Tensor], scale: float, like: torch.Tensor):
+    """``scale * weight`` at valid anchors (weight 1 when None), 0 elsewhere, in ``like``'s dtype."""
+    if weight is None:
+        return valid.to(like.dtype).mul_(scale)
+    return keep(scale * weight.to(like.dtype), valid)
+
+
 def valid_weight(weight: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(like) if weight is None else weight.to(like.dtype)

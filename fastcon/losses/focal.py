@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..inputs import check_nonnegative
-from .base import LSE, SUM, RowTerms, TemperatureScaled, hyper_parameter, keep, masked_lse, safe_lse, valid_weight
+from .base import LSE, SUM, RowTerms, TemperatureScaled, hyper_parameter, keep, masked_lse, safe_lse, valid_coef
 
 
 def focal_terms(log_p: torch.Tensor, gamma: float):
@@ -72,7 +72,7 @@ class FocalSupCon(TemperatureScaled):
         valid = counts.n_pos > 0
         per_column = -self.scale / counts.num_contrast  # the reference divides by every contrast row
         loss = keep(per_column * sum_f, valid)
-        coef = keep(per_column * valid_weight(weight, lse), valid)
+        coef = valid_coef(valid, weight, per_column, lse)
         return RowTerms(loss, valid, torch.stack([safe_lse(lse, valid), coef, coef * sum_fprime]))
 
     def dense_grad(self, s, mask, params):

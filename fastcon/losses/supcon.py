@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LSE, SUM, RowTerms, TemperatureScaled, keep, masked_lse, masked_sum, safe_lse, valid_weight
+from .base import LSE, SUM, RowTerms, TemperatureScaled, keep, masked_lse, masked_sum, safe_lse, valid_coef
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class SupCon(TemperatureScaled):
         valid = counts.n_pos > 0
         n = counts.n_pos.clamp(min=1)
         loss = keep(-self.scale * (sum_pos / n - lse), valid)
-        coef = keep(self.scale * valid_weight(weight, lse), valid)
+        coef = valid_coef(valid, weight, self.scale, lse)
         return RowTerms(loss, valid, torch.stack([safe_lse(lse, valid), coef, coef / n]))
 
     def dense_grad(self, s, mask, params):
