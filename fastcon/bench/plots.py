@@ -35,22 +35,22 @@ def _out_of_memory(rows, **match) -> dict[str, int]:
     return out
 
 
-def format_mib(value: float, _position=None) -> str:
-    """A memory tick in MiB as people write it: ``640 MiB``, ``1.5 GiB``."""
+def _tick(value: float, unit: str, larger: str, factor: float) -> str:
     if value <= 0:
         return ""
-    if value >= 1024:
-        return f"{value / 1024:.3g} GiB"
-    return f"{value:.3g} MiB"
+    if value >= factor:
+        return f"{value / factor:.3g} {larger}"
+    return f"{value:.3g} {unit}"
+
+
+def format_mib(value: float, _position=None) -> str:
+    """A memory tick in MiB as people write it: ``640 MiB``, ``1.5 GiB``."""
+    return _tick(value, "MiB", "GiB", 1024)
 
 
 def format_ms(value: float, _position=None) -> str:
     """A time tick in milliseconds as people write it: ``0.5 ms``, ``20 ms``, ``1.5 s``."""
-    if value <= 0:
-        return ""
-    if value >= 1000:
-        return f"{value / 1000:.3g} s"
-    return f"{value:.3g} ms"
+    return _tick(value, "ms", "s", 1000)
 
 
 def _memory_axis(axis) -> None:
