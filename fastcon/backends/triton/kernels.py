@@ -84,9 +84,7 @@ def stats_kernel(own_ptr, other_ptr, own_cls_ptr, other_cls_ptr, own_pos_ptr, po
         d0 = tl.load(dense_in_ptr + rows, mask=row_ok, other=0.0)
         for s in range(1, num_splits):
             e = tl.load(dense_in_ptr + s * (NUM_DENSE + 2) * n_own + rows, mask=row_ok, other=0.0)
-            m = tl.maximum(d0, e)
-            shift = tl.where(m == float("-inf"), 0.0, m)
-            d0 = tl.where(m == float("-inf"), m, shift + tl.log(tl.exp(d0 - shift) + tl.exp(e - shift)))
+            d0 = tm.logaddexp(d0, e)
     if WITH_POSITIVE:
         if split == 0:  # the class range is not split: split 0 takes all of it
             lse = tl.where(d0 == float("-inf"), 0.0, d0)[:, None]

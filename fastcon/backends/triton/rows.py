@@ -111,13 +111,6 @@ def prep_side_kernel(feat_ptr, ref_ptr, order_ptr, y_ptr, n_labelled, cls_y_ptr,
 
 
 @triton.jit
-def _logaddexp(a, b):
-    m = tl.maximum(a, b)
-    safe = tl.where(m == float("-inf"), 0.0, m)
-    return tl.where(m == float("-inf"), m, safe + tl.log(tl.exp(a - safe) + tl.exp(b - safe)))
-
-
-@triton.jit
 def _slot(part_ptr, slot, idx, ok, n, splits, split_stride, IS_SUM: tl.constexpr):
     """Statistic ``slot`` of rows ``idx`` merged over the column splits, in split order."""
     v = tl.load(part_ptr + slot * n + idx, mask=ok, other=0.0)
@@ -126,7 +119,7 @@ def _slot(part_ptr, slot, idx, ok, n, splits, split_stride, IS_SUM: tl.constexpr
         if IS_SUM:
             v = v + w
         else:
-            v = _logaddexp(v, w)
+            v = tm.logaddexp(v, w)
     return v
 
 

@@ -50,8 +50,7 @@ class Side:
         self.pos_hi = torch.searchsorted(theirs, mine, right=True).to(torch.int32)
 
 
-def _empty_side(n: int, dp: int, dot_dtype: torch.dtype, device, order, with_pos: bool, normalize: bool,
-                offsets: bool) -> Side:
+def _empty_side(n: int, dp: int, dot_dtype: torch.dtype, device, order, with_pos: bool, offsets: bool) -> Side:
     i32 = dict(dtype=torch.int32, device=device)
     return Side(order, torch.empty(n, **i32), torch.empty(n, dp, dtype=dot_dtype, device=device),
                 torch.empty(n, dtype=torch.float32, device=device), torch.empty(n, **i32) if with_pos else None,
@@ -100,12 +99,12 @@ def prepare_sides(features, labels, ref, ref_labels, num_anchors: int, normalize
     kl = y.shape[0]  # labelled contrast rows; the unlabelled ref rows follow them, unsorted
     y_sorted, order = torch.sort(y, stable=True)
     dp = launch.padded_dim(features.shape[-1])
-    contrast = _empty_side(k, dp, dot_dtype, device, order, not symmetric, normalize, True)
+    contrast = _empty_side(k, dp, dot_dtype, device, order, not symmetric, True)
     if symmetric:
         _prep_launch(contrast, features, ref, y_sorted, kl, y_sorted, kl, y_sorted, kl, normalize)
         return contrast, contrast
     a_sorted, a_order = torch.sort(labels[:num_anchors], stable=True)
-    anchors = _empty_side(num_anchors, dp, dot_dtype, device, a_order, True, normalize, False)
+    anchors = _empty_side(num_anchors, dp, dot_dtype, device, a_order, True, False)
     where = torch.empty(k, dtype=torch.int32, device=device)
     _prep_launch(contrast, features, ref, y_sorted, kl, y_sorted, kl, a_sorted, num_anchors, normalize,
                  where=where, init_pos=True)
@@ -140,17 +139,6 @@ def link_sides(anchors: Side, contrast: Side, self_pos: Optional[torch.Tensor]) 
         contrast.pos = anchor_of[:contrast.n]
     anchors.link(contrast)
     contrast.link(anchors)
-
-
-def subset_side(contrast: Side, ranks: torch.Tensor, num_anchors: int) -> Side:
-    """The anchors (the first ``num_anchors`` original rows) as a side of their own; links both."""
-    a_cls, a_order = torch.sort(ranks[:num_anchors], stable=True)
-    pos = sorted_positions(contrast)[a_order]
-    anchors = Side(a_order, a_cls.to(torch.int32), contrast.x[pos],
-                   None if contrast.inv_norm is None else contrast.inv_norm[pos], dp=contrast.dp,
-                   x_dtype=contrast.x_dtype)
-    link_sides(anchors, contrast, pos)
-    return anchors
 
 
 def _stats_launch(own: Side, other: Side, definition, *, symmetric, has_self, with_dense, with_positive,

@@ -34,6 +34,14 @@ def _rescale(old_max, new_max, scale):
 
 
 @triton.jit
+def logaddexp(a, b):
+    """``log(e^a + e^b)``; ``-inf`` when both are (the merge of two log-sum-exps)."""
+    m = tl.maximum(a, b)
+    safe = tl.where(m == float("-inf"), 0.0, m)
+    return tl.where(m == float("-inf"), m, safe + tl.log(tl.exp(a - safe) + tl.exp(b - safe)))
+
+
+@triton.jit
 def _shift(m):
     return tl.where(m == float("-inf"), 0.0, m)
 
